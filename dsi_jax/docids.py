@@ -1,0 +1,238 @@
+"""Document ids: a map from item keys to token sequences in a small id vocabulary.
+
+Token 0 is padding, token 1 is end-of-id (eos), and tokens 2 ... num_codes + 1 are the
+codes of an id position. An id is a sequence of codes; ids may differ in length (eos marks
+the end, so "12" and "123" are distinct ids). On disk the map is a JSON file holding the
+codes, so that `"ids": {"img-000123": [3, 0, 7]}` reads as id "307".
+
+Schemes:
+  random:    a random permutation of 0 ... N-1 written in base `num_codes`, fixed length.
+  clustered: items of the same class get consecutive numbers, fixed length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from typing import Mapping, Sequence
+
+import numpy as np
+
+PAD = 0
+EOS = 1
+NUM_SPECIAL = 2
+FORMAT = "dsi_jax.docids/1"
+SCHEMES = ("random", "clustered")
+
+
+@dataclasses.dataclass(frozen=True)
+class DocidMap:
+  """Item keys and their ids (codes, without the special tokens).
+
+  Attributes:
+    scheme: how the ids were made ("random", "clustered", ...).
+    num_codes: codes per id position; the id vocabulary has `num_codes + 2` tokens.
+    keys: item keys, in the order of `codes`.
+    codes: per item, its id as a tuple of codes in [0, num_codes).
+  """
+
+  scheme: str
+  num_codes: int
+  keys: tuple[str, ...]
+  codes: tuple[tuple[int, ...], ...]
+
+  def __post_init__(self):
+    _validate(self.keys, self.codes, self.num_codes, where="DocidMap")
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_codes + NUM_SPECIAL
+
+  @property
+  def max_length(self) -> int:
+    """Longest id in tokens, eos included."""
+    return max(len(c) for c in self.codes) + 1
+
+  def __len__(self) -> int:
+    return len(self.keys)
+
+  def index(self, key: str) -> int:
+    """Row of `key` in `keys` (the item index used by tries and rankings)."""
+    return self._index[key]
+
+  @property
+  def _index(self) -> dict[str, int]:
+    cached = self.__dict__.get("_index_cache")
+    if cached is None:
+      cached = {k: i for i, k in enumerate(self.keys)}
+      object.__setattr__(self, "_index_cache", cached)
+    return cached
+
+  def id_string(self, key: str) -> str:
+    """Human-readable id, e.g. "3-0-7" (codes joined by "-")."""
+    return "-".join(str(c) for c in self.codes[self.index(key)])
+
+  def targets(self, keys: Sequence[str] | None = None) -> np.ndarray:
+    """Decoder targets: `[num_keys, max_length]` int32 tokens, eos then pad."""
+    rows = range(len(self)) if keys is None else [self.index(k) for k in keys]
+    out = np.full((len(rows), self.max_length), PAD, dtype=np.int32)
+    for r, i in enumerate(rows):
+      c = self.codes[i]
+      out[r, : len(c)] = np.asarray(c) + NUM_SPECIAL
+      out[r, len(c)] = EOS
+    return out
+
+  def to_json(self) -> dict:
+    return {
+      "format": FORMAT,
+      "scheme": self.scheme,
+      "num_codes": self.num_codes,
+      "ids": {k: list(c) for k, c in zip(self.keys, self.codes)},
+    }
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes the map as JSON atomically (temp file in the same folder, then rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".docids-", suffix=".tmp")
+    try:
+      with os.fdopen(fd, "w") as f:
+        json.dump(self.to_json(), f)
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+      raise
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "DocidMap":
+    """Reads and validates a map written by `save`; raises ValueError naming the file."""
+    path = os.fspath(path)
+
+    def no_duplicates(pairs):
+      seen = {}
+      for k, v in pairs:
+        if k in seen:
+          raise ValueError(f"{path}: key {k!r} appears more than once")
+        seen[k] = v
+      return seen
+
+    try:
+      with open(path) as f:
+        data = json.load(f, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not a JSON docid map ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+      raise ValueError(f"{path}: not a docid map (expected format {FORMAT!r})")
+    for field in ("scheme", "num_codes", "ids"):
+      if field not in data:
+        raise ValueError(f"{path}: missing field {field!r}")
+    ids = data["ids"]
+    if not isinstance(ids, dict):
+      raise ValueError(f"{path}: 'ids' must map item keys to lists of codes")
+    keys = tuple(ids)
+    codes = []
+    for k in keys:
+      c = ids[k]
+      if not isinstance(c, list) or not all(isinstance(x, int) for x in c):
+        raise ValueError(f"{path}: id of {k!r} must be a list of integer codes, got {c!r}")
+      codes.append(tuple(c))
+    num_codes = data["num_codes"]
+    if not isinstance(num_codes, int) or num_codes < 1:
+      raise ValueError(f"{path}: num_codes must be a positive integer, got {num_codes!r}")
+    _validate(keys, codes, num_codes, where=path)
+    return cls(scheme=str(data["scheme"]), num_codes=num_codes, keys=keys, codes=tuple(codes))
+
+
+def _validate(keys, codes, num_codes: int, *, where: str) -> None:
+  if len(keys) != len(codes):
+    raise ValueError(f"{where}: {len(keys)} keys but {len(codes)} ids")
+  if not keys:
+    raise ValueError(f"{where}: empty docid map")
+  if len(set(keys)) != len(keys):
+    dup = next(k for k in keys if keys.count(k) > 1)
+    raise ValueError(f"{where}: key {dup!r} appears more than once")
+  seen: dict[tuple[int, ...], str] = {}
+  for k, c in zip(keys, codes):
+    if not c:
+      raise ValueError(f"{where}: id of {k!r} is empty")
+    bad = [x for x in c if not 0 <= x < num_codes]
+    if bad:
+      raise ValueError(f"{where}: id of {k!r} has unknown code {bad[0]} (num_codes={num_codes})")
+    if c in seen:
+      raise ValueError(f"{where}: {k!r} and {seen[c]!r} share the id {list(c)}")
+    seen[c] = k
+
+
+def _digits(numbers: np.ndarray, base: int, length: int) -> list[tuple[int, ...]]:
+  out = np.zeros((len(numbers), length), dtype=np.int64)
+  n = numbers.copy()
+  for pos in range(length - 1, -1, -1):
+    out[:, pos] = n % base
+    n //= base
+  return [tuple(int(x) for x in row) for row in out]
+
+
+def _fixed_length(n: int, base: int) -> int:
+  return max(1, math.ceil(math.log(n, base) - 1e-9)) if n > 1 else 1
+
+
+def random_ids(keys: Sequence[str], *, num_codes: int = 10, seed: int = 0) -> DocidMap:
+  """Dense random ids: item i gets a random number in [0, N), written in `num_codes` digits."""
+  if num_codes < 2:
+    raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+  numbers = np.random.default_rng(seed).permutation(len(keys))
+  length = _fixed_length(len(keys), num_codes)
+  return DocidMap("random", num_codes, tuple(keys), tuple(_digits(numbers, num_codes, length)))
+
+
+def clustered_ids(
+  keys: Sequence[str], labels: Sequence[int] | np.ndarray, *, num_codes: int = 10, seed: int = 0
+) -> DocidMap:
+  """Ids numbered class by class: items of one class get consecutive numbers.
+
+  Classes are taken in sorted order; within a class the order is random (seeded).
+  """
+  labels = np.asarray(labels)
+  if len(labels) != len(keys):
+    raise ValueError(f"{len(keys)} keys but {len(labels)} labels")
+  if num_codes < 2:
+    raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+  rng = np.random.default_rng(seed)
+  tiebreak = rng.permutation(len(keys))
+  order = np.lexsort((tiebreak, labels))  # by label, then random
+  numbers = np.empty(len(keys), dtype=np.int64)
+  numbers[order] = np.arange(len(keys))
+  length = _fixed_length(len(keys), num_codes)
+  return DocidMap("clustered", num_codes, tuple(keys), tuple(_digits(numbers, num_codes, length)))
+
+
+def make_docids(
+  scheme: str,
+  keys: Sequence[str],
+  *,
+  labels: Sequence[int] | np.ndarray | None = None,
+  num_codes: int = 10,
+  seed: int = 0,
+) -> DocidMap:
+  """Builds a DocidMap with the named scheme."""
+  if scheme == "random":
+    return random_ids(keys, num_codes=num_codes, seed=seed)
+  if scheme == "clustered":
+    if labels is None:
+      raise ValueError("the 'clustered' id scheme needs class labels")
+    return clustered_ids(keys, labels, num_codes=num_codes, seed=seed)
+  raise ValueError(f"unknown docid scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+
+
+def from_mapping(
+  ids: Mapping[str, Sequence[int]], *, num_codes: int, scheme: str = "custom"
+) -> DocidMap:
+  """A DocidMap from explicit codes, e.g. `{"a": [0, 1], "b": [2]}`."""
+  return DocidMap(
+    scheme, num_codes, tuple(ids), tuple(tuple(int(x) for x in c) for c in ids.values())
+  )

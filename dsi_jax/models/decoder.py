@@ -1,0 +1,97 @@
+"""Docid decoder: a small causal transformer that cross-attends to the query's encoding.
+
+Training runs it teacher-forced on whole ids; decoding runs it one token at a time with a
+key/value cache (flax's `decode=True` attention, initialised by one call on full-length
+input), which `decoding.beam_search` reorders between beams.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dsi_jax.models.vit import MlpBlock
+
+
+class DecoderBlock(nn.Module):
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, encoded, *, self_mask, encoder_mask, deterministic: bool, decode: bool):
+    # x: [batch, length, width]; encoded: [batch, patches, enc_width]
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.MultiHeadDotProductAttention(
+      num_heads=self.num_heads, dtype=self.dtype, decode=decode, name="SelfAttention"
+    )(y, y, mask=self_mask, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.MultiHeadDotProductAttention(
+      num_heads=self.num_heads, dtype=self.dtype, name="CrossAttention"
+    )(y, encoded, mask=encoder_mask, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, deterministic=deterministic)
+    return x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class DocidDecoder(nn.Module):
+  """Tokens `[batch, length]` + encoding `[batch, patches, d]` -> logits `[batch, length, vocab]`."""
+
+  vocab_size: int
+  max_length: int
+  width: int = 128
+  depth: int = 3
+  mlp_dim: int = 256
+  num_heads: int = 4
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    encoded,
+    decoder_input_tokens,
+    *,
+    encoder_mask=None,
+    train: bool = False,
+    decode: bool = False,
+  ):
+    batch, length = decoder_input_tokens.shape
+    x = nn.Embed(self.vocab_size, self.width, name="token_embedder")(decoder_input_tokens)
+    pos = self.param(
+      "pos_embedding", nn.initializers.normal(stddev=0.02), (1, self.max_length, self.width)
+    )
+    if decode:
+      # One token per call: its position is a counter kept in the cache.
+      is_init = self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+      if is_init:
+        x = x + jnp.take(pos[0], position.value, axis=0)[None, None]
+        position.value = position.value + 1
+      else:
+        x = x + pos[:, :length]
+      self_mask = None
+    else:
+      x = x + pos[:, :length]
+      self_mask = nn.make_causal_mask(decoder_input_tokens)
+    x = x.astype(self.dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    cross_mask = None
+    if encoder_mask is not None:  # [batch, patches] bool
+      cross_mask = nn.make_attention_mask(jnp.ones((batch, length), bool), encoder_mask)
+    for i in range(self.depth):
+      x = DecoderBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype, name=f"block_{i}")(
+        x,
+        encoded,
+        self_mask=self_mask,
+        encoder_mask=cross_mask,
+        deterministic=not train,
+        decode=decode,
+      )
+    x = nn.LayerNorm(name="decoder_norm", dtype=self.dtype)(x)
+    return nn.Dense(self.vocab_size, name="logits", dtype=jnp.float32)(x)

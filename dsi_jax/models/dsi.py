@@ -1,0 +1,250 @@
+"""The DSI model: an encoder (ViT, text tower, ...) and a docid decoder, plus the t5x-style
+model contract around them (`loss_fn`, `predict_batch`, `score_batch`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dsi_jax import decoding
+from dsi_jax import docids as docids_lib
+from dsi_jax import trie as trie_lib
+from dsi_jax.models.decoder import DocidDecoder
+from dsi_jax.models.vit import ViT
+
+Params = Mapping[str, Any]
+
+
+class DSINetwork(nn.Module):
+  """`encode(inputs) -> (encoded, aux)`; `decode(encoded, tokens) -> logits`."""
+
+  encoder: nn.Module
+  decoder: DocidDecoder
+
+  def encode(self, inputs, *, train: bool = False):
+    return self.encoder(inputs, train=train)
+
+  def decode(self, encoded, decoder_input_tokens, *, train: bool = False, decode: bool = False):
+    return self.decoder(encoded, decoder_input_tokens, train=train, decode=decode)
+
+  def __call__(self, inputs, decoder_input_tokens, *, train: bool = False):
+    encoded, _ = self.encode(inputs, train=train)
+    return self.decode(encoded, decoder_input_tokens, train=train)
+
+
+def make_vit_dsi(
+  docids: docids_lib.DocidMap,
+  *,
+  patch_size: int = 4,
+  width: int = 128,
+  depth: int = 6,
+  mlp_dim: int = 256,
+  num_heads: int = 4,
+  dropout: float = 0.1,
+  decoder_depth: int = 3,
+  dtype: Any = jnp.float32,
+) -> DSINetwork:
+  """The seed's ViT-DSI network; defaults are the seed recipe (width 128, depth 6, ...)."""
+  encoder = ViT(
+    patch_size=patch_size,
+    width=width,
+    depth=depth,
+    mlp_dim=mlp_dim,
+    num_heads=num_heads,
+    dropout=dropout,
+    dtype=dtype,
+  )
+  decoder = DocidDecoder(
+    vocab_size=docids.vocab_size,
+    max_length=docids.max_length,
+    width=width,
+    depth=decoder_depth,
+    mlp_dim=mlp_dim,
+    num_heads=num_heads,
+    dropout=dropout,
+    dtype=dtype,
+  )
+  return DSINetwork(encoder=encoder, decoder=decoder)
+
+
+def shift_right(targets: jax.Array) -> jax.Array:
+  """Decoder inputs: pad, then the targets without their last position."""
+  return jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=docids_lib.PAD)
+
+
+def token_log_likelihood(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """`[batch, length]` log p(target token), zero at padding."""
+  lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], -1)[
+    ..., 0
+  ]
+  return jnp.where(targets != docids_lib.PAD, lp, 0.0)
+
+
+class DSIModel:
+  """A DSINetwork bound to a DocidMap and its trie.
+
+  Batches are dicts: `inputs` (images `[batch, h, w, c]` or tokens) and, for training and
+  scoring, `targets` (`[batch, max_length]` id tokens, from `DocidMap.targets`).
+  """
+
+  def __init__(
+    self, network: DSINetwork, docids: docids_lib.DocidMap, *, exact_max_ids: int = 4096
+  ):
+    self.network = network
+    self.docids = docids
+    self.trie = trie_lib.build_trie(docids)
+    self.all_targets = jnp.asarray(docids.targets())  # [num_ids, max_length]
+    self.exact_max_ids = exact_max_ids
+    self._score_all = jax.jit(self._score_all_impl, static_argnames=("chunk",))
+    self._predict = jax.jit(self._predict_impl, static_argnames=("num_beams",))
+    self._score = jax.jit(self._score_impl)
+
+  # -- parameters ------------------------------------------------------------------------
+  def init(self, rng: jax.Array, input_shape: tuple[int, ...], input_dtype=jnp.float32) -> Params:
+    inputs = jnp.zeros((1, *input_shape[1:]), input_dtype)
+    tokens = jnp.zeros((1, self.docids.max_length), jnp.int32)
+    return jax.jit(lambda r: self.network.init(r, inputs, tokens)["params"])(rng)
+
+  # -- the model contract ------------------------------------------------------------------
+  def loss_fn(self, params: Params, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None):
+    """Token cross-entropy over id tokens and eos. Returns `(loss, aux metrics)`."""
+    train = dropout_rng is not None
+    rngs = {"dropout": dropout_rng} if train else {}
+    targets = batch["targets"]
+    logits = self.network.apply(
+      {"params": params}, batch["inputs"], shift_right(targets), train=train, rngs=rngs
+    )
+    ll = token_log_likelihood(logits, targets)
+    weights = (targets != docids_lib.PAD).astype(jnp.float32)
+    loss = -jnp.sum(ll) / jnp.maximum(jnp.sum(weights), 1.0)
+    correct = (jnp.argmax(logits, -1) == targets) | (targets == docids_lib.PAD)
+    aux = {"loss": loss, "sequence_accuracy": jnp.mean(jnp.all(correct, axis=-1))}
+    return loss, aux
+
+  def score_batch(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """`[batch]` log-likelihood of each `targets` row given its `inputs`."""
+    return self._score(params, batch["inputs"], batch["targets"])
+
+  def predict_batch(
+    self, params: Params, inputs: jax.Array, *, num_beams: int
+  ) -> decoding.BeamResult:
+    """Trie-constrained beam search: the `num_beams` best distinct valid ids per query."""
+    return self._predict(params, inputs, num_beams=num_beams)
+
+  def score_all(self, params: Params, inputs: jax.Array) -> jax.Array:
+    """`[batch, num_ids]` exact log-likelihood of every id (teacher-forced).
+
+    One forward pass per id scores all of its prefixes; for small corpora this is the
+    exact ranking that beam search reaches with beams >= number of ids.
+    """
+    chunk = max(1, min(len(self.docids), 4096 // max(1, inputs.shape[0])))
+    return self._score_all(params, inputs, chunk=chunk)
+
+  def rank(
+    self,
+    params: Params,
+    inputs: jax.Array,
+    k: int,
+    *,
+    method: str = "auto",
+    num_beams: int | None = None,
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """The top-`k` item indices `[batch, k]` and their log-likelihoods, best first.
+
+    method: "exact" scores every id, "beam" runs the constrained beam search with
+    `num_beams` (default k) beams, "auto" is exact up to `exact_max_ids` ids.
+    Where fewer than k ids exist, missing places hold -1 and -inf.
+    """
+    if method == "auto":
+      method = "exact" if len(self.docids) <= self.exact_max_ids else "beam"
+    if method == "exact":
+      scores = np.asarray(self.score_all(params, inputs))
+      order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+      items, top = order, np.take_along_axis(scores, order, 1)
+    elif method == "beam":
+      beams = max(k, num_beams or k)
+      result = jax.device_get(self.predict_batch(params, inputs, num_beams=beams))
+      items, top = (
+        result.items[:, :k],
+        np.where(result.items[:, :k] >= 0, result.scores[:, :k], -np.inf),
+      )
+    else:
+      raise ValueError(f"unknown ranking method {method!r}: use 'exact', 'beam' or 'auto'")
+    if items.shape[1] < k:
+      pad = k - items.shape[1]
+      items = np.pad(items, ((0, 0), (0, pad)), constant_values=-1)
+      top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return items, top
+
+  # -- jitted implementations ------------------------------------------------------------
+  def _encode(self, params, inputs):
+    encoded, _ = self.network.apply({"params": params}, inputs, method=DSINetwork.encode)
+    return encoded
+
+  def _score_impl(self, params, inputs, targets):
+    logits = self.network.apply({"params": params}, inputs, shift_right(targets))
+    return jnp.sum(token_log_likelihood(logits, targets), axis=-1)
+
+  def _score_all_impl(self, params, inputs, *, chunk: int):
+    encoded = self._encode(params, inputs)  # [b, patches, d]
+    b = encoded.shape[0]
+    n = self.all_targets.shape[0]
+    padded = -(-n // chunk) * chunk
+    targets = jnp.pad(self.all_targets, ((0, padded - n), (0, 0)), constant_values=docids_lib.EOS)
+    targets = targets.reshape(padded // chunk, chunk, -1)  # [chunks, chunk, length]
+
+    def score_chunk(_, t):  # t: [chunk, length]
+      enc = jnp.repeat(encoded, chunk, axis=0)  # [b * chunk, patches, d]
+      tt = jnp.tile(t, (b, 1))  # [b * chunk, length]
+      logits = self.network.apply(
+        {"params": params}, enc, shift_right(tt), method=DSINetwork.decode
+      )
+      return None, jnp.sum(token_log_likelihood(logits, tt), -1).reshape(b, chunk)
+
+    _, scores = jax.lax.scan(score_chunk, None, targets)  # [chunks, b, chunk]
+    return jnp.moveaxis(scores, 0, 1).reshape(b, padded)[:, :n]
+
+  def _predict_impl(self, params, inputs, *, num_beams: int):
+    encoded = self._encode(params, inputs)
+    b = encoded.shape[0]
+    enc = jnp.repeat(encoded, num_beams, axis=0)  # [b * beams, patches, d]
+    decode = functools.partial(
+      self.network.apply, method=DSINetwork.decode, decode=True, mutable=["cache"]
+    )
+    dummy = jnp.zeros((b * num_beams, self.docids.max_length), jnp.int32)
+    _, init_vars = decode({"params": params}, enc, dummy)
+
+    def tokens_to_logits(tokens, cache):
+      logits, new_vars = decode({"params": params, "cache": cache}, enc, tokens)
+      return logits[:, -1], new_vars["cache"]
+
+    return decoding.beam_search(
+      tokens_to_logits, init_vars["cache"], self.trie, batch_size=b, num_beams=num_beams
+    )
+
+
+def make_optimizer(
+  learning_rate: float = 5e-4,
+  *,
+  warmup_steps: int = 100,
+  weight_decay: float = 1e-4,
+  clip_norm: float = 1.0,
+) -> optax.GradientTransformation:
+  """AdamW with linear warmup then a constant rate, and global-norm clipping."""
+  schedule = optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, learning_rate, max(1, warmup_steps)),
+      optax.constant_schedule(learning_rate),
+    ],
+    [max(1, warmup_steps)],
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay)
+  )

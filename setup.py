@@ -1,0 +1,30 @@
+"""dsi_jax: generative retrieval (Differentiable Search Index) in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="dsi_jax",
+    version="0.1.0",
+    description="Generative retrieval in JAX: a transformer that decodes the ids of relevant items.",
+    packages=setuptools.find_packages(include=["dsi_jax", "dsi_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "gin-config>=0.5,<0.6",
+        "clu>=0.0.12",
+        "tensorboard>=2.21,<2.22",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "seqio>=0.0.20",
+        "opencv-python-headless>=4.10",
+        "scikit-learn>=1.5",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["dsi-jax=dsi_jax.cli:main"]},
+)

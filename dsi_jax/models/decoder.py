@@ -23,24 +23,33 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, encoded, *, self_mask, encoder_mask, deterministic: bool, decode: bool):
-    # x: [batch, length, width]; encoded: [batch, patches, enc_width]
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    # x: [batch, candidates, length, width]; encoded: [batch, patches, enc_width]
+    b, c, length, width = x.shape
+    y = nn.LayerNorm(dtype=self.dtype)(x).reshape(b * c, length, width)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads, dtype=self.dtype, decode=decode, name="SelfAttention"
     )(y, y, mask=self_mask, deterministic=deterministic)
-    x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    x = x + nn.Dropout(self.dropout)(y.reshape(x.shape), deterministic=deterministic)
+    # Cross-attention: every position of every candidate attends to the same encoding, so
+    # the candidates ride along the query axis and keys/values are projected once per query.
+    y = nn.LayerNorm(dtype=self.dtype)(x).reshape(b, c * length, width)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads, dtype=self.dtype, name="CrossAttention"
     )(y, encoded, mask=encoder_mask, deterministic=deterministic)
-    x = x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout)(y.reshape(x.shape), deterministic=deterministic)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype)(y, deterministic=deterministic)
     return x + nn.Dropout(self.dropout)(y, deterministic=deterministic)
 
 
 class DocidDecoder(nn.Module):
-  """Tokens `[batch, length]` + encoding `[batch, patches, d]` -> logits `[batch, length, vocab]`."""
+  """Id tokens + the query's encoding -> next-token logits.
+
+  decoder_input_tokens: `[batch, length]`, or `[batch, candidates, length]` to run several
+  ids (beams, or every id of the corpus) against each query's encoding `[batch, patches, d]`
+  without copying the encoding. Returns logits `[..., length, vocab]` of the same leading
+  shape.
+  """
 
   vocab_size: int
   max_length: int
@@ -61,8 +70,10 @@ class DocidDecoder(nn.Module):
     train: bool = False,
     decode: bool = False,
   ):
-    batch, length = decoder_input_tokens.shape
-    x = nn.Embed(self.vocab_size, self.width, name="token_embedder")(decoder_input_tokens)
+    squeeze = decoder_input_tokens.ndim == 2
+    tokens = decoder_input_tokens[:, None] if squeeze else decoder_input_tokens
+    batch, cands, length = tokens.shape
+    x = nn.Embed(self.vocab_size, self.width, name="token_embedder")(tokens)
     pos = self.param(
       "pos_embedding", nn.initializers.normal(stddev=0.02), (1, self.max_length, self.width)
     )
@@ -71,19 +82,19 @@ class DocidDecoder(nn.Module):
       is_init = self.has_variable("cache", "position")
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
       if is_init:
-        x = x + jnp.take(pos[0], position.value, axis=0)[None, None]
+        x = x + jnp.take(pos[0], position.value, axis=0)
         position.value = position.value + 1
       else:
         x = x + pos[:, :length]
       self_mask = None
     else:
       x = x + pos[:, :length]
-      self_mask = nn.make_causal_mask(decoder_input_tokens)
+      self_mask = nn.make_causal_mask(tokens.reshape(batch * cands, length))
     x = x.astype(self.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     cross_mask = None
     if encoder_mask is not None:  # [batch, patches] bool
-      cross_mask = nn.make_attention_mask(jnp.ones((batch, length), bool), encoder_mask)
+      cross_mask = nn.make_attention_mask(jnp.ones((batch, cands * length), bool), encoder_mask)
     for i in range(self.depth):
       x = DecoderBlock(self.mlp_dim, self.num_heads, self.dropout, self.dtype, name=f"block_{i}")(
         x,
@@ -94,4 +105,5 @@ class DocidDecoder(nn.Module):
         decode=decode,
       )
     x = nn.LayerNorm(name="decoder_norm", dtype=self.dtype)(x)
-    return nn.Dense(self.vocab_size, name="logits", dtype=jnp.float32)(x)
+    logits = nn.Dense(self.vocab_size, name="logits", dtype=jnp.float32)(x)
+    return logits[:, 0] if squeeze else logits

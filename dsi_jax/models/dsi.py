@@ -39,6 +39,11 @@ class DSINetwork(nn.Module):
     return self.decode(encoded, decoder_input_tokens, train=train)
 
 
+VIT_DSI_DEFAULTS = dict(
+  patch_size=4, width=128, depth=6, mlp_dim=256, num_heads=4, dropout=0.1, decoder_depth=3
+)
+
+
 def make_vit_dsi(
   docids: docids_lib.DocidMap,
   *,
@@ -75,8 +80,9 @@ def make_vit_dsi(
 
 
 def shift_right(targets: jax.Array) -> jax.Array:
-  """Decoder inputs: pad, then the targets without their last position."""
-  return jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=docids_lib.PAD)
+  """Decoder inputs `[..., length]`: pad, then the targets without their last position."""
+  pad = [(0, 0)] * (targets.ndim - 1) + [(1, 0)]
+  return jnp.pad(targets[..., :-1], pad, constant_values=docids_lib.PAD)
 
 
 def token_log_likelihood(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -144,7 +150,9 @@ class DSIModel:
     One forward pass per id scores all of its prefixes; for small corpora this is the
     exact ranking that beam search reaches with beams >= number of ids.
     """
-    chunk = max(1, min(len(self.docids), 4096 // max(1, inputs.shape[0])))
+    n = len(self.docids)
+    chunks = -(-n // max(1, 8192 // max(1, inputs.shape[0])))
+    chunk = -(-n // chunks)  # even chunks: little padding
     return self._score_all(params, inputs, chunk=chunk)
 
   def rank(
@@ -201,29 +209,29 @@ class DSIModel:
     targets = targets.reshape(padded // chunk, chunk, -1)  # [chunks, chunk, length]
 
     def score_chunk(_, t):  # t: [chunk, length]
-      enc = jnp.repeat(encoded, chunk, axis=0)  # [b * chunk, patches, d]
-      tt = jnp.tile(t, (b, 1))  # [b * chunk, length]
+      tt = jnp.broadcast_to(t, (b, *t.shape))  # [b, chunk, length]
       logits = self.network.apply(
-        {"params": params}, enc, shift_right(tt), method=DSINetwork.decode
-      )
-      return None, jnp.sum(token_log_likelihood(logits, tt), -1).reshape(b, chunk)
+        {"params": params}, encoded, shift_right(tt), method=DSINetwork.decode
+      )  # [b, chunk, length, vocab]
+      return None, jnp.sum(token_log_likelihood(logits, tt), -1)
 
     _, scores = jax.lax.scan(score_chunk, None, targets)  # [chunks, b, chunk]
     return jnp.moveaxis(scores, 0, 1).reshape(b, padded)[:, :n]
 
   def _predict_impl(self, params, inputs, *, num_beams: int):
-    encoded = self._encode(params, inputs)
+    encoded = self._encode(params, inputs)  # [b, patches, d], shared by the beams
     b = encoded.shape[0]
-    enc = jnp.repeat(encoded, num_beams, axis=0)  # [b * beams, patches, d]
     decode = functools.partial(
       self.network.apply, method=DSINetwork.decode, decode=True, mutable=["cache"]
     )
-    dummy = jnp.zeros((b * num_beams, self.docids.max_length), jnp.int32)
-    _, init_vars = decode({"params": params}, enc, dummy)
+    dummy = jnp.zeros((b, num_beams, self.docids.max_length), jnp.int32)
+    _, init_vars = decode({"params": params}, encoded, dummy)
 
-    def tokens_to_logits(tokens, cache):
-      logits, new_vars = decode({"params": params, "cache": cache}, enc, tokens)
-      return logits[:, -1], new_vars["cache"]
+    def tokens_to_logits(tokens, cache):  # tokens: [b * beams, 1]
+      logits, new_vars = decode(
+        {"params": params, "cache": cache}, encoded, tokens.reshape(b, num_beams, 1)
+      )
+      return logits[:, :, -1].reshape(b * num_beams, -1), new_vars["cache"]
 
     return decoding.beam_search(
       tokens_to_logits, init_vars["cache"], self.trie, batch_size=b, num_beams=num_beams

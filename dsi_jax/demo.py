@@ -1,0 +1,250 @@
+"""`dsi-jax demo`: ViT-DSI against BoVW and pixel kNN on a Fashion-MNIST corpus.
+
+The seed's Table-1 setting at small scale: N images with balanced classes, 25 % indexed,
+75 % queries (split 0.8 / 0.1 / 0.1), a query is relevant to every indexed image of its
+class. ViT-DSI is trained with clustered and with random ids, zero-shot (indexing only) and
+fine-tuned (indexing, then retrieval mixed 1:1 with indexing). Everything is evaluated on
+all test queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from dsi_jax import docids as docids_lib
+from dsi_jax import metrics as metrics_lib
+from dsi_jax import results as results_lib
+from dsi_jax import train as train_lib
+from dsi_jax.baselines.bovw import BoVW
+from dsi_jax.baselines.pixel_knn import PixelKNN
+from dsi_jax.data import corpus as corpus_lib
+from dsi_jax.data import fashion_mnist
+from dsi_jax.models import dsi
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+  num_images: int = 512
+  image_size: int = 32  # 28 px padded to 32 so that patch 4 tiles it
+  schemes: tuple[str, ...] = ("clustered", "random")
+  model: dict = dataclasses.field(default_factory=dict)  # overrides of make_vit_dsi
+  train: train_lib.TrainConfig = train_lib.TrainConfig()
+  bovw_words: int = 200
+
+
+def default_config(quick: bool = False, num_images: int | None = None) -> DemoConfig:
+  if not quick:
+    return DemoConfig(num_images=num_images or 512)
+  # --quick: a smaller corpus and model and capped phases, same code path (≤ 3 min on 2 cores).
+  return DemoConfig(
+    num_images=num_images or 160,
+    model=dict(depth=2, decoder_depth=2),
+    train=train_lib.TrainConfig(
+      index_max_steps=300,
+      index_eval_every=25,
+      finetune_max_steps=100,
+      finetune_eval_every=25,
+      patience=3,
+    ),
+    bovw_words=50,
+  )
+
+
+def preprocess(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 `[n, 28, 28]` -> float32 `[n, size, size, 1]` in [-1, 1] (zero padding)."""
+  pad = size - images.shape[1]
+  if pad < 0 or pad % 2:
+    raise ValueError(f"image size {size} must exceed {images.shape[1]} by an even number")
+  x = np.pad(images, ((0, 0), (pad // 2, pad // 2), (pad // 2, pad // 2))).astype(np.float32)
+  return (x / 127.5 - 1.0)[..., None]
+
+
+def retrieval_data(corpus: corpus_lib.ImageCorpus, image_size: int) -> train_lib.RetrievalData:
+  """Arrays for the trainer: relevant ids are positions among the indexed items."""
+  position = {corpus.keys[i]: j for j, i in enumerate(corpus.indexed)}
+
+  def split(name):
+    idx = corpus.query_indices(name)
+    rel = [np.array(sorted(position[k] for k in r)) for r in corpus.query_relevance(name)]
+    return preprocess(corpus.images[idx], image_size), rel
+
+  tr, va, te = split("train"), split("val"), split("test")
+  return train_lib.RetrievalData(
+    index_inputs=preprocess(corpus.images[corpus.indexed], image_size),
+    train_inputs=tr[0],
+    train_relevant=tr[1],
+    val_inputs=va[0],
+    val_relevant=va[1],
+    test_inputs=te[0],
+    test_relevant=te[1],
+  )
+
+
+def baseline_rows(corpus, config: DemoConfig, common: dict) -> list[dict]:
+  test = corpus.query_indices("test")
+  relevant = corpus.query_relevance("test")
+  index_images = corpus.images[corpus.indexed]
+  rows = []
+  for name, retriever in (
+    (
+      "bovw",
+      lambda: BoVW(num_words=config.bovw_words, seed=common["seed"]).fit(
+        index_images, corpus.indexed_keys
+      ),
+    ),
+    ("pixel_knn", lambda: PixelKNN(index_images, corpus.indexed_keys)),
+  ):
+    t0 = time.time()
+    r = retriever()
+    ranked, _ = r.search(corpus.images[test], 100)
+    m = metrics_lib.compute_metrics(ranked, relevant, ["map@10", "recall@100"])
+    rows.append(
+      {
+        **common,
+        "model": name,
+        "setting": "-",
+        "ids": None,
+        "ia@1": None,
+        "ia@5": None,
+        **m,
+        "seconds": round(time.time() - t0, 2),
+      }
+    )
+  return rows
+
+
+def run_seed(
+  corpus, config: DemoConfig, seed: int, out_dir: str, show_progress: bool
+) -> tuple[list[dict], dict]:
+  data = retrieval_data(corpus, config.image_size)
+  common = {
+    "dataset": "fashion_mnist",
+    "db_size": len(corpus.images),
+    "num_indexed": len(corpus.indexed),
+    "num_queries": len(corpus.query_test),
+    "seed": seed,
+  }
+  rows, histories = [], {}
+  tconf = dataclasses.replace(config.train, seed=seed)
+  for scheme in config.schemes:
+    ids = docids_lib.make_docids(
+      scheme, corpus.indexed_keys, labels=corpus.labels[corpus.indexed], seed=seed
+    )
+    model = dsi.DSIModel(dsi.make_vit_dsi(ids, **config.model), ids)
+    workdir = os.path.join(out_dir, "runs", f"seed{seed}", f"vit_dsi_{scheme}")
+    if show_progress:
+      print(
+        f"[seed {seed}] ViT-DSI, {scheme} ids: indexing {len(ids)} images, then fine-tuning",
+        file=sys.stderr,
+      )
+    res = train_lib.train_dsi(
+      model, data, config=tconf, workdir=workdir, show_progress=show_progress
+    )
+    for setting in ("zero_shot", "fine_tuned"):
+      t = res[setting]["test"]
+      rows.append(
+        {
+          **common,
+          "model": "vit_dsi",
+          "setting": setting,
+          "ids": scheme,
+          "ia@1": t["ia@1"],
+          "ia@5": t["ia@5"],
+          "map@10": t["test/map@10"],
+          "recall@100": t["test/recall@100"],
+          "steps": res[setting]["steps"],
+          "seconds": round(res[setting]["seconds"], 1),
+        }
+      )
+    histories[scheme] = {s: res[s]["history"] for s in ("zero_shot", "fine_tuned")}
+  rows.extend(baseline_rows(corpus, config, common))
+  return rows, histories
+
+
+def run_demo(
+  out_dir: str,
+  *,
+  quick: bool = False,
+  seeds: Sequence[int] = (0,),
+  num_images: int | None = None,
+  data_dir: str | None = None,
+  show_progress: bool = True,
+) -> dict[str, Any]:
+  """Runs the whole demo and writes `results.json`, `results.md` and `loss_curves.png`."""
+  config = default_config(quick, num_images)
+  images, labels = fashion_mnist.load_fashion_mnist("train", data_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  t0 = time.time()
+  all_rows, all_hist = [], {}
+  for seed in seeds:
+    corpus = corpus_lib.sample_corpus(
+      images, labels, num_items=config.num_images, seed=seed, key_prefix="fmnist-train"
+    )
+    seed_dir = os.path.join(out_dir, "runs", f"seed{seed}")
+    os.makedirs(seed_dir, exist_ok=True)
+    corpus.save(os.path.join(seed_dir, "corpus.json"))
+    rows, hist = run_seed(corpus, config, seed, out_dir, show_progress)
+    all_rows.extend(rows)
+    all_hist[seed] = hist
+  report = {
+    "rows": results_lib.aggregate(all_rows),
+    "runs": all_rows,
+    "config": {
+      "command": "dsi-jax demo" + (" --quick" if quick else ""),
+      "seeds": list(seeds),
+      "num_images": config.num_images,
+      "image_size": config.image_size,
+      "model": {**dsi.VIT_DSI_DEFAULTS, **config.model},
+      "train": dataclasses.asdict(config.train),
+      "bovw_words": config.bovw_words,
+      "total_seconds": round(time.time() - t0, 1),
+      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    },
+    "versions": results_lib.versions(),
+  }
+  results_lib.write_json(report, os.path.join(out_dir, "results.json"))
+  table = results_lib.markdown_table(report["rows"])
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  plot_loss_curves(all_hist, os.path.join(out_dir, "loss_curves.png"))
+  print(table)
+  print(f"\nwrote {os.path.join(out_dir, 'results.json')} ({report['config']['total_seconds']} s)")
+  return report
+
+
+def plot_loss_curves(histories: dict, path: str) -> None:
+  """Training and validation loss against step, one panel per id scheme (first seed)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  first = histories[min(histories)]
+  fig, axes = plt.subplots(1, len(first), figsize=(6 * len(first), 4), squeeze=False)
+  for ax, (scheme, phases) in zip(axes[0], first.items()):
+    for setting, style in (("zero_shot", "-"), ("fine_tuned", "--")):
+      h = phases.get(setting) or []
+      if not h:
+        continue
+      steps = [r["step"] for r in h]
+      label = "indexing" if setting == "zero_shot" else "retrieval fine-tuning"
+      ax.plot(steps, [r["train/loss"] for r in h], "C0" + style, label=f"train loss ({label})")
+      ax.plot(
+        steps, [r["val/loss"] for r in h], "C1" + style, label=f"val retrieval loss ({label})"
+      )
+    if phases.get("zero_shot"):
+      ax.axvline(phases["zero_shot"][-1]["step"], color="gray", lw=0.8)
+    ax.set_title(f"ViT-DSI, {scheme} ids")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,113 @@
+"""The `results.json` contract: rows of metrics, the config and package versions.
+
+`{"rows": [{"model", "setting", "dataset", "db_size", "ids", "num_queries", "ia@1", "ia@5",
+"map@10", "recall@100", ...}], "config": {...}, "versions": {...}}`; a metric that does not
+apply is null. Every table the project prints is made from such rows.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+METRICS = ("ia@1", "ia@5", "map@10", "recall@100")
+GROUP_KEYS = ("model", "setting", "ids", "dataset", "db_size")
+
+
+def aggregate(rows: Sequence[dict]) -> list[dict]:
+  """Groups per-seed rows by method and reports mean and (population) std over seeds.
+
+  With one seed the rows come back unchanged but for `num_seeds`; with several, each
+  metric holds the mean and `<metric>_std` its standard deviation.
+  """
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+  out = []
+  for group in groups.values():
+    row = {k: group[0].get(k) for k in GROUP_KEYS}
+    row["num_queries"] = group[0].get("num_queries")
+    row["num_seeds"] = len(group)
+    for m in METRICS:
+      values = [g.get(m) for g in group]
+      if any(v is None for v in values):
+        row[m] = None
+        continue
+      row[m] = float(np.mean(values))
+      if len(group) > 1:
+        row[f"{m}_std"] = float(np.std(values))
+    for extra in ("steps", "seconds"):
+      if all(extra in g for g in group):
+        row[extra] = float(np.mean([g[extra] for g in group]))
+    out.append(row)
+  return out
+
+
+def _cell(row: dict, metric: str) -> str:
+  v = row.get(metric)
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return "–"
+  std = row.get(f"{metric}_std")
+  return f"{v:.3f} ± {std:.3f}" if std is not None else f"{v:.3f}"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+  """The seed's Table-1 layout: one line per method, IA@1 IA@5 MAP@10 R@100."""
+  header = "| model | ids | setting | db size | queries | IA@1 | IA@5 | MAP@10 | R@100 |"
+  lines = [header, "|" + "---|" * 9]
+  for r in rows:
+    seeds = f" ×{r['num_seeds']} seeds" if r.get("num_seeds", 1) > 1 else ""
+    lines.append(
+      f"| {r['model']} | {r.get('ids') or '–'} | {r.get('setting') or '–'} | {r['db_size']} "
+      f"| {r['num_queries']}{seeds} | " + " | ".join(_cell(r, m) for m in METRICS) + " |"
+    )
+  return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+  out = {}
+  for pkg in (
+    "dsi_jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "scikit-learn",
+    "opencv-python-headless",
+  ):
+    try:
+      out[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def write_json(obj: Any, path: str) -> None:
+  """Writes JSON atomically (temp file in the same folder, then rename)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def load(path: str) -> dict:
+  with open(path) as f:
+    data = json.load(f)
+  if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+    raise ValueError(f"{path}: not a results file (expected an object with a 'rows' list)")
+  return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -29,14 +30,27 @@ def _demo(args) -> int:
   return 0
 
 
-def _train(args) -> int:
+@functools.cache
+def _gin_entry_point():
+  """Registers the gin configurables once per process; returns the experiment to run."""
   import gin
 
   from dsi_jax import experiment
   from dsi_jax import train as train_lib
 
   gin.external_configurable(train_lib.TrainConfig, module="dsi_jax")
-  run = gin.external_configurable(experiment.run_experiment, module="dsi_jax")
+  # `include 'gin_configs/...'` lines resolve from the working folder or the project root.
+  gin.add_config_file_search_path(
+    os.path.dirname(os.path.dirname(os.path.abspath(experiment.__file__)))
+  )
+  return gin.external_configurable(experiment.run_experiment, module="dsi_jax")
+
+
+def _train(args) -> int:
+  import gin
+
+  run = _gin_entry_point()
+  gin.clear_config()
   gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
   run()
   return 0

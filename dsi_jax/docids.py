@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class DocidMap:
       raise
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "DocidMap":
+  def load(cls, path: str | os.PathLike) -> DocidMap:
     """Reads and validates a map written by `save`; raises ValueError naming the file."""
     path = os.fspath(path)
 

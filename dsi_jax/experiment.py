@@ -28,7 +28,7 @@ def run_experiment(
   finetune: bool = True,
   image_size: int = 32,
   model: dict | None = None,
-  train_config: train_lib.TrainConfig = train_lib.TrainConfig(),
+  train_config: train_lib.TrainConfig | None = None,
   data_dir: str | None = None,
 ) -> dict[str, Any]:
   """Samples the corpus, trains ViT-DSI and writes `results.json` in `workdir`."""
@@ -42,10 +42,11 @@ def run_experiment(
     ids, corpus.indexed_keys, labels=corpus.labels[corpus.indexed], seed=seed
   )
   network = dsi.make_vit_dsi(docids, **(model or {}))
+  config = dataclasses.replace(train_config or train_lib.TrainConfig(), seed=seed)
   result = train_lib.train_dsi(
     dsi.DSIModel(network, docids),
     retrieval_data(corpus, image_size),
-    config=dataclasses.replace(train_config, seed=seed),
+    config=config,
     workdir=workdir,
     finetune=finetune,
   )
@@ -78,7 +79,7 @@ def run_experiment(
       "ids": ids,
       "seed": seed,
       "model": {**dsi.VIT_DSI_DEFAULTS, **(model or {})},
-      "train": dataclasses.asdict(train_config),
+      "train": dataclasses.asdict(config),
     },
     "versions": results_lib.versions(),
   }

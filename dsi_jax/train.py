@@ -16,8 +16,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -328,6 +330,12 @@ def train_dsi(
     from clu import metric_writers
 
     os.makedirs(workdir, exist_ok=True)
+    # A fresh run replaces an earlier run's checkpoints and curves in the same workdir, so
+    # "latest checkpoint" and the TensorBoard curves always belong to this run.
+    for stale in ("checkpoints", "tensorboard"):
+      if os.path.isdir(os.path.join(workdir, stale)):
+        log.info("Replacing %s from an earlier run in %s", stale, workdir)
+        shutil.rmtree(os.path.join(workdir, stale))
     model.docids.save(os.path.join(workdir, "docids.json"))
     writer = metric_writers.create_default_writer(
       os.path.join(workdir, "tensorboard"), asynchronous=False
@@ -415,13 +423,13 @@ def count_params(params) -> int:
 
 
 __all__ = [
-  "TrainConfig",
   "RetrievalData",
-  "train_dsi",
-  "evaluate",
-  "rank_items",
-  "save_checkpoint",
-  "restore_params",
+  "TrainConfig",
   "count_params",
+  "evaluate",
   "optax",
+  "rank_items",
+  "restore_params",
+  "save_checkpoint",
+  "train_dsi",
 ]

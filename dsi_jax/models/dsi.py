@@ -5,7 +5,8 @@ model contract around them (`loss_fn`, `predict_batch`, `score_batch`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax

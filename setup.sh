@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up dsi_jax on a fresh Debian/Ubuntu machine: a virtualenv in .venv with the package
+# and its test dependencies, and Fashion-MNIST from the Debian package dataset-fashion-mnist.
+# Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+FMNIST_DIR=${DSI_JAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
+if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+  SUDO=""
+  if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null; then SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+echo "dsi_jax is set up: .venv/bin/dsi-jax --help"

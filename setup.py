@@ -6,7 +6,9 @@ setuptools.setup(
   name="dsi_jax",
   version="0.1.0",
   description="Generative retrieval in JAX: a transformer that decodes the ids of relevant items.",
-  packages=setuptools.find_packages(include=["dsi_jax", "dsi_jax.*"]),
+  # The SeqIO registrations live in the top-level tasks/ folder and install as dsi_jax.tasks.
+  packages=[*setuptools.find_packages(include=["dsi_jax", "dsi_jax.*"]), "dsi_jax.tasks"],
+  package_dir={"dsi_jax.tasks": "tasks"},
   python_requires=">=3.10",
   install_requires=[
     "jax>=0.10,<0.11",

@@ -5,6 +5,10 @@ The seed's Table-1 setting at small scale: N images with balanced classes, 25 % 
 class. ViT-DSI is trained with clustered and with random ids, zero-shot (indexing only) and
 fine-tuned (indexing, then retrieval mixed 1:1 with indexing). Everything is evaluated on
 all test queries.
+
+All data comes through the SeqIO tasks of `dsi_jax.tasks` (the `dsi_fashion_mnist/32px` tfds
+dataset, built from the Debian package's files on first use); each run's corpus and ids are
+saved under `--out`.
 """
 
 from __future__ import annotations
@@ -19,21 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from dsi_jax import docids as docids_lib
 from dsi_jax import metrics as metrics_lib
 from dsi_jax import results as results_lib
 from dsi_jax import train as train_lib
 from dsi_jax.baselines.bovw import BoVW
 from dsi_jax.baselines.pixel_knn import PixelKNN
-from dsi_jax.data import corpus as corpus_lib
-from dsi_jax.data import fashion_mnist
 from dsi_jax.models import dsi
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
   num_images: int = 512
-  image_size: int = 32  # 28 px padded to 32 so that patch 4 tiles it
   schemes: tuple[str, ...] = ("clustered", "random")
   model: dict = dataclasses.field(default_factory=dict)  # overrides of make_vit_dsi
   train: train_lib.TrainConfig = train_lib.TrainConfig()
@@ -58,53 +58,47 @@ def default_config(quick: bool = False, num_images: int | None = None) -> DemoCo
   )
 
 
-def preprocess(images: np.ndarray, size: int) -> np.ndarray:
-  """uint8 `[n, 28, 28]` -> float32 `[n, size, size, 1]` in [-1, 1] (zero padding)."""
-  pad = size - images.shape[1]
-  if pad < 0 or pad % 2:
-    raise ValueError(f"image size {size} must exceed {images.shape[1]} by an even number")
-  x = np.pad(images, ((0, 0), (pad // 2, pad // 2), (pad // 2, pad // 2))).astype(np.float32)
-  return (x / 127.5 - 1.0)[..., None]
+def register_corpus(
+  config: DemoConfig, scheme: str, seed: int, out_dir: str, data_dir: str | None
+) -> str:
+  """Registers the SeqIO tasks of this run's corpus; its corpus and ids go under `out_dir`."""
+  from dsi_jax.tasks import datasets as task_datasets
 
-
-def retrieval_data(corpus: corpus_lib.ImageCorpus, image_size: int) -> train_lib.RetrievalData:
-  """Arrays for the trainer: relevant ids are positions among the indexed items."""
-  position = {corpus.keys[i]: j for j, i in enumerate(corpus.indexed)}
-
-  def split(name):
-    idx = corpus.query_indices(name)
-    rel = [np.array(sorted(position[k] for k in r)) for r in corpus.query_relevance(name)]
-    return preprocess(corpus.images[idx], image_size), rel
-
-  tr, va, te = split("train"), split("val"), split("test")
-  return train_lib.RetrievalData(
-    index_inputs=preprocess(corpus.images[corpus.indexed], image_size),
-    train_inputs=tr[0],
-    train_relevant=tr[1],
-    val_inputs=va[0],
-    val_relevant=va[1],
-    test_inputs=te[0],
-    test_relevant=te[1],
+  name = f"dsi_jax_demo_fmnist{config.num_images}_{scheme}_seed{seed}"
+  task_datasets.register(
+    "fmnist",
+    num_items=config.num_images,
+    scheme=scheme,
+    seed=seed,
+    name=name,
+    corpus_dir=os.path.join(out_dir, "runs", f"seed{seed}", f"vit_dsi_{scheme}", "corpus"),
+    location=data_dir,
   )
+  return name
 
 
-def baseline_rows(corpus, config: DemoConfig, common: dict) -> list[dict]:
-  test = corpus.query_indices("test")
+def baseline_rows(task_name: str, config: DemoConfig, common: dict) -> list[dict]:
+  """BoVW and pixel kNN on the same indexed items and test queries as ViT-DSI."""
+  from dsi_jax import tasks
+
+  data = tasks.corpus_data(task_name)
+  corpus = data.corpus
+  index_images = np.stack([data.images[k] for k in corpus.indexed])
+  test_images = np.stack([data.images[q.item] for q in corpus.split("test")])
   relevant = corpus.query_relevance("test")
-  index_images = corpus.images[corpus.indexed]
   rows = []
   for name, retriever in (
     (
       "bovw",
       lambda: BoVW(num_words=config.bovw_words, seed=common["seed"]).fit(
-        index_images, corpus.indexed_keys
+        index_images, list(corpus.indexed)
       ),
     ),
-    ("pixel_knn", lambda: PixelKNN(index_images, corpus.indexed_keys)),
+    ("pixel_knn", lambda: PixelKNN(index_images, list(corpus.indexed))),
   ):
     t0 = time.time()
     r = retriever()
-    ranked, _ = r.search(corpus.images[test], 100)
+    ranked, _ = r.search(test_images, 100)
     m = metrics_lib.compute_metrics(ranked, relevant, ["map@10", "recall@100"])
     rows.append(
       {
@@ -122,22 +116,25 @@ def baseline_rows(corpus, config: DemoConfig, common: dict) -> list[dict]:
 
 
 def run_seed(
-  corpus, config: DemoConfig, seed: int, out_dir: str, show_progress: bool
+  config: DemoConfig, seed: int, out_dir: str, data_dir: str | None, show_progress: bool
 ) -> tuple[list[dict], dict]:
-  data = retrieval_data(corpus, config.image_size)
-  common = {
-    "dataset": "fashion_mnist",
-    "db_size": len(corpus.images),
-    "num_indexed": len(corpus.indexed),
-    "num_queries": len(corpus.query_test),
-    "seed": seed,
-  }
+  from dsi_jax import tasks
+
   rows, histories = [], {}
   tconf = dataclasses.replace(config.train, seed=seed)
+  common: dict[str, Any] = {}
+  task_name = ""
   for scheme in config.schemes:
-    ids = docids_lib.make_docids(
-      scheme, corpus.indexed_keys, labels=corpus.labels[corpus.indexed], seed=seed
-    )
+    task_name = register_corpus(config, scheme, seed, out_dir, data_dir)
+    data, ids = tasks.retrieval_data(task_name)
+    corpus = tasks.corpus_data(task_name).corpus
+    common = {
+      "dataset": "fashion_mnist",
+      "db_size": len(corpus.item_keys),
+      "num_indexed": len(corpus.indexed),
+      "num_queries": len(corpus.split("test")),
+      "seed": seed,
+    }
     model = dsi.DSIModel(dsi.make_vit_dsi(ids, **config.model), ids)
     workdir = os.path.join(out_dir, "runs", f"seed{seed}", f"vit_dsi_{scheme}")
     if show_progress:
@@ -165,7 +162,7 @@ def run_seed(
         }
       )
     histories[scheme] = {s: res[s]["history"] for s in ("zero_shot", "fine_tuned")}
-  rows.extend(baseline_rows(corpus, config, common))
+  rows.extend(baseline_rows(task_name, config, common))
   return rows, histories
 
 
@@ -180,18 +177,11 @@ def run_demo(
 ) -> dict[str, Any]:
   """Runs the whole demo and writes `results.json`, `results.md` and `loss_curves.png`."""
   config = default_config(quick, num_images)
-  images, labels = fashion_mnist.load_fashion_mnist("train", data_dir)
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
   all_rows, all_hist = [], {}
   for seed in seeds:
-    corpus = corpus_lib.sample_corpus(
-      images, labels, num_items=config.num_images, seed=seed, key_prefix="fmnist-train"
-    )
-    seed_dir = os.path.join(out_dir, "runs", f"seed{seed}")
-    os.makedirs(seed_dir, exist_ok=True)
-    corpus.save(os.path.join(seed_dir, "corpus.json"))
-    rows, hist = run_seed(corpus, config, seed, out_dir, show_progress)
+    rows, hist = run_seed(config, seed, out_dir, data_dir, show_progress)
     all_rows.extend(rows)
     all_hist[seed] = hist
   report = {
@@ -201,7 +191,7 @@ def run_demo(
       "command": "dsi-jax demo" + (" --quick" if quick else ""),
       "seeds": list(seeds),
       "num_images": config.num_images,
-      "image_size": config.image_size,
+      "image_size": 32,
       "model": {**dsi.VIT_DSI_DEFAULTS, **config.model},
       "train": dataclasses.asdict(config.train),
       "bovw_words": config.bovw_words,

@@ -10,12 +10,8 @@ import dataclasses
 import os
 from typing import Any
 
-from dsi_jax import docids as docids_lib
 from dsi_jax import results as results_lib
 from dsi_jax import train as train_lib
-from dsi_jax.data import corpus as corpus_lib
-from dsi_jax.data import fashion_mnist
-from dsi_jax.demo import retrieval_data
 from dsi_jax.models import dsi
 
 
@@ -26,29 +22,33 @@ def run_experiment(
   ids: str = "clustered",
   seed: int = 0,
   finetune: bool = True,
-  image_size: int = 32,
   model: dict | None = None,
   train_config: train_lib.TrainConfig | None = None,
   data_dir: str | None = None,
 ) -> dict[str, Any]:
-  """Samples the corpus, trains ViT-DSI and writes `results.json` in `workdir`."""
-  images, labels = fashion_mnist.load_fashion_mnist("train", data_dir)
-  corpus = corpus_lib.sample_corpus(
-    images, labels, num_items=num_images, seed=seed, key_prefix="fmnist-train"
+  """Registers the corpus's SeqIO tasks, trains ViT-DSI on them, writes `results.json`.
+
+  The corpus and its ids are saved in `workdir/corpus/` (and reused if present).
+  """
+  from dsi_jax import tasks
+  from dsi_jax.tasks import datasets as task_datasets
+
+  name = f"dsi_jax_experiment_fmnist{num_images}_{ids}_seed{seed}"
+  task_datasets.register(
+    "fmnist",
+    num_items=num_images,
+    scheme=ids,
+    seed=seed,
+    name=name,
+    corpus_dir=os.path.join(workdir, "corpus"),
+    location=data_dir,
   )
-  os.makedirs(workdir, exist_ok=True)
-  corpus.save(os.path.join(workdir, "corpus.json"))
-  docids = docids_lib.make_docids(
-    ids, corpus.indexed_keys, labels=corpus.labels[corpus.indexed], seed=seed
-  )
+  data, docids = tasks.retrieval_data(name)
+  corpus = tasks.corpus_data(name).corpus
   network = dsi.make_vit_dsi(docids, **(model or {}))
   config = dataclasses.replace(train_config or train_lib.TrainConfig(), seed=seed)
   result = train_lib.train_dsi(
-    dsi.DSIModel(network, docids),
-    retrieval_data(corpus, image_size),
-    config=config,
-    workdir=workdir,
-    finetune=finetune,
+    dsi.DSIModel(network, docids), data, config=config, workdir=workdir, finetune=finetune
   )
   rows = []
   for setting in ("zero_shot", "fine_tuned"):
@@ -62,7 +62,7 @@ def run_experiment(
         "dataset": "fashion_mnist",
         "db_size": num_images,
         "ids": ids,
-        "num_queries": len(corpus.query_test),
+        "num_queries": len(corpus.split("test")),
         "ia@1": t["ia@1"],
         "ia@5": t["ia@5"],
         "map@10": t["test/map@10"],

@@ -9,8 +9,9 @@ import os
 import numpy as np
 import pytest
 
+from dsi_jax import docids as docids_lib
+from dsi_jax.data import corpus as corpus_lib
 from dsi_jax.data import fashion_mnist
-from dsi_jax.data.corpus import ImageCorpus, sample_corpus
 from dsi_jax.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -31,12 +32,11 @@ def _write_fake(directory, num: int = 3, images_bytes: bytes | None = None) -> N
     f.write(_idx_bytes(2049, [num], bytes([1, 9, 0][:num])))
 
 
-def _toy_data(per_class: int = 30, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-  """Images `[n, 4, 4]` whose first pixel encodes the index (mod 256); shuffled labels."""
+def _toy_data(per_class: int = 30, num_classes: int = 10) -> tuple[list[str], np.ndarray]:
+  """Item keys and shuffled class labels."""
   n = per_class * num_classes
   labels = np.random.default_rng(123).permutation(np.repeat(np.arange(num_classes), per_class))
-  images = (np.arange(n)[:, None, None] % 256 * np.ones((1, 4, 4))).astype(np.uint8)
-  return images, labels.astype(np.int64)
+  return [f"item-{i:06d}" for i in range(n)], labels.astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,85 +108,99 @@ def test_module_default_dir():
 # Sampling.
 
 
-def test_sample_corpus_balanced_and_keys():
-  images, labels = _toy_data()
-  corpus = sample_corpus(images, labels, num_items=105, seed=0)
-  counts = np.bincount(corpus.labels, minlength=10)
+def _split_keys(corpus):
+  return {name: [q.item for q in corpus.split(name)] for name in corpus_lib.QUERY_SPLITS}
+
+
+def test_class_corpus_balanced_splits_and_relevance():
+  keys, labels = _toy_data()
+  label_of = dict(zip(keys, labels))
+  corpus = corpus_lib.class_corpus(keys, labels, num_items=200, seed=3)
+  splits = _split_keys(corpus)
+  # 20 per class: 5 indexed, 15 queries -> 12 / 1.5 / 1.5, the odd one going to validation.
+  assert [len(corpus.indexed)] + [len(v) for v in splits.values()] == [50, 120, 20, 10]
+  everything = list(corpus.indexed) + sum(splits.values(), [])
+  assert len(set(everything)) == 200
+  for part in [list(corpus.indexed), *splits.values()]:  # Every split has every class.
+    assert {label_of[k] for k in part} == set(range(10))
+  for name in corpus_lib.QUERY_SPLITS:
+    for q in corpus.split(name):
+      assert set(q.relevant) == {k for k in corpus.indexed if label_of[k] == label_of[q.item]}
+  assert corpus.labels == {k: label_of[k] for k in corpus.indexed}
+
+
+def test_class_corpus_remainder_and_small():
+  keys, labels = _toy_data()
+  label_of = dict(zip(keys, labels))
+  corpus = corpus_lib.class_corpus(keys, labels, num_items=105, seed=0)
+  counts = np.bincount([label_of[k] for k in corpus.item_keys], minlength=10)
   assert counts.tolist() == [11] * 5 + [10] * 5  # Remainder spread over the first classes.
-  assert len(corpus.keys) == 105 and len(set(corpus.keys)) == 105
-  for key, src, image, label in zip(
-    corpus.keys, corpus.source_indices, corpus.images, corpus.labels
-  ):
-    assert key == f"item-{src:06d}"
-    assert image[0, 0] == src % 256 and label == labels[src]
-  assert np.all(np.diff(corpus.source_indices) > 0)
+  small = corpus_lib.class_corpus(keys, labels, num_items=64, seed=1)
+  assert all(len(small.split(name)) > 0 for name in corpus_lib.QUERY_SPLITS)
 
 
-def test_sample_corpus_splits_disjoint_and_cover():
-  images, labels = _toy_data()
-  corpus = sample_corpus(images, labels, num_items=200, seed=3)
-  parts = [corpus.indexed, corpus.query_train, corpus.query_val, corpus.query_test]
-  everything = np.concatenate(parts)
-  assert sorted(everything.tolist()) == list(range(200))
-  # 20 per class: 5 indexed, 15 queries -> 12/1.5/1.5, the odd one going to val.
-  assert [len(p) for p in parts] == [50, 120, 20, 10]
-  for part in parts:  # Every split has every class.
-    assert set(corpus.labels[part].tolist()) == set(range(10))
-  # 25% indexed, per class.
-  assert np.all(np.bincount(corpus.labels[corpus.indexed], minlength=10) == 5)
-
-
-def test_sample_corpus_small_has_val_and_test():
-  images, labels = _toy_data()
-  corpus = sample_corpus(images, labels, num_items=64, seed=1)
-  assert len(corpus.query_val) > 0 and len(corpus.query_test) > 0
-  assert (
-    len(corpus.indexed) + len(corpus.query_train) + len(corpus.query_val) + len(corpus.query_test)
-    == 64
-  )
-  for part in (corpus.indexed, corpus.query_train, corpus.query_val, corpus.query_test):
-    assert set(corpus.labels[part].tolist()) == set(range(10))
-
-
-def test_sample_corpus_deterministic():
-  images, labels = _toy_data()
-  a = sample_corpus(images, labels, num_items=80, seed=7, key_prefix="fm")
-  b = sample_corpus(images, labels, num_items=80, seed=7, key_prefix="fm")
-  c = sample_corpus(images, labels, num_items=80, seed=8, key_prefix="fm")
-  assert a.keys == b.keys and a.keys[0].startswith("fm-")
-  for name in ("indexed", "query_train", "query_val", "query_test"):
-    np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-  assert a.keys != c.keys
+def test_class_corpus_deterministic():
+  keys, labels = _toy_data()
+  a = corpus_lib.class_corpus(keys, labels, num_items=80, seed=7)
+  b = corpus_lib.class_corpus(keys, labels, num_items=80, seed=7)
+  c = corpus_lib.class_corpus(keys, labels, num_items=80, seed=8)
+  assert a == b and a.indexed != c.indexed
 
 
 @pytest.mark.parametrize(
   "num_items, match",
-  [(301, "num_items=301 exceeds"), (19, "num_items=19 is below"), (295, "class")],
+  [(301, "num_items=301 exceeds the 300 items"), (19, "num_items=19 is below"), (295, "class")],
 )
-def test_sample_corpus_errors(num_items, match):
-  images, labels = _toy_data()
+def test_class_corpus_errors(num_items, match):
+  keys, labels = _toy_data()
   labels = labels.copy()
   if num_items == 295:  # Make class 9 too small for 295 // 10 = 29 items.
     labels[np.flatnonzero(labels == 9)[:5]] = 0
   with pytest.raises(ValueError, match=match):
-    sample_corpus(images, labels, num_items=num_items)
+    corpus_lib.class_corpus(keys, labels, num_items=num_items)
 
 
-def test_relevant_keys_and_query_relevance():
-  images, labels = _toy_data()
-  corpus = sample_corpus(images, labels, num_items=100, seed=2)
-  for i in range(len(corpus.keys)):
-    expected = {corpus.keys[j] for j in corpus.indexed if corpus.labels[j] == corpus.labels[i]}
-    assert corpus.relevant_keys(i) == expected
-    assert len(expected) >= 2
-  assert set(corpus.indexed_keys) == {corpus.keys[j] for j in corpus.indexed}
-  relevance = corpus.query_relevance("val")
-  assert len(relevance) == len(corpus.query_val)
-  for i, rel in zip(corpus.query_val, relevance):
-    assert rel == corpus.relevant_keys(int(i))
-    assert corpus.keys[i] not in rel  # A query is never an indexed item.
-  with pytest.raises(ValueError):
-    corpus.query_relevance("indexed")
+def test_empty_data_set_is_an_error():
+  with pytest.raises(ValueError, match="empty corpus"):
+    corpus_lib.caption_corpus([], [])
+
+
+def test_category_corpus_relevance_is_a_shared_category():
+  rng = np.random.default_rng(0)
+  keys = [f"coco-{i}" for i in range(80)]
+  cats = [sorted(set(rng.integers(0, 6, size=rng.integers(0, 3)).tolist())) for _ in keys]
+  cat_of = dict(zip(keys, cats))
+  corpus = corpus_lib.category_corpus(keys, cats, num_items=40, seed=1)
+  assert all(cat_of[k] for k in corpus.item_keys)  # Items without a category are never drawn.
+  for name in corpus_lib.QUERY_SPLITS:
+    for q in corpus.split(name):
+      expected = {k for k in corpus.indexed if set(cat_of[k]) & set(cat_of[q.item])}
+      assert set(q.relevant) == expected and expected
+  kept = sum(len(corpus.split(n)) for n in corpus_lib.QUERY_SPLITS)
+  assert kept + corpus.source["dropped_queries"] + len(corpus.indexed) == 40
+
+
+def test_caption_corpus_splits_each_images_captions_3_1_1():
+  keys = [f"img{i}.jpg" for i in range(10)]
+  caps = [[f"caption {j} of {k}" for j in range(5)] for k in keys]
+  corpus = corpus_lib.caption_corpus(keys, caps, num_items=6, seed=0)
+  assert len(corpus.indexed) == 6
+  sizes = [len(corpus.split(n)) for n in corpus_lib.QUERY_SPLITS]
+  assert sizes == [18, 6, 6]
+  for q in corpus.split("test"):
+    (image,) = q.relevant
+    assert q.text == f"caption 4 of {image}" and q.item is None
+
+
+def test_qa_corpus_questions_point_to_their_paragraph():
+  keys = [f"doc{i}" for i in range(5)]
+  questions = [[(f"q{i}-{j}", f"question {j} about doc{i}") for j in range(10)] for i in range(5)]
+  corpus = corpus_lib.qa_corpus(keys, questions, seed=0)
+  assert corpus.indexed == tuple(keys)
+  assert [len(corpus.split(n)) for n in corpus_lib.QUERY_SPLITS] == [40, 5, 5]
+  for name in corpus_lib.QUERY_SPLITS:
+    for q in corpus.split(name):
+      assert q.text.endswith(q.relevant[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,20 +208,28 @@ def test_relevant_keys_and_query_relevance():
 
 
 def test_save_load_round_trip(tmp_path):
-  images, labels = _toy_data()
-  corpus = sample_corpus(images, labels, num_items=60, seed=4)
-  path = tmp_path / "corpus.json"
-  corpus.save(path)
-  assert os.listdir(tmp_path) == ["corpus.json"]  # No temporary file left behind.
-  loaded = ImageCorpus.load(path, images, labels)
-  assert loaded.keys == corpus.keys
-  np.testing.assert_array_equal(loaded.images, corpus.images)
-  np.testing.assert_array_equal(loaded.labels, corpus.labels)
-  np.testing.assert_array_equal(loaded.source_indices, corpus.source_indices)
-  for name in ("indexed", "query_train", "query_val", "query_test"):
-    np.testing.assert_array_equal(getattr(loaded, name), getattr(corpus, name))
-  assert "pickle" not in path.read_text()  # Plain JSON.
-  json.loads(path.read_text())
+  keys, labels = _toy_data()
+  corpus = corpus_lib.class_corpus(keys, labels, num_items=60, seed=4)
+  ids = corpus.make_docids("clustered")
+  corpus_lib.save_corpus(tmp_path / "c", corpus, ids)
+  assert sorted(os.listdir(tmp_path)) == ["c"]  # No temporary folder left behind.
+  assert sorted(os.listdir(tmp_path / "c")) == ["corpus.json", "docids.json"]
+  loaded, loaded_ids = corpus_lib.load_corpus(tmp_path / "c")
+  assert loaded == corpus and loaded_ids == ids
+  # Saving again replaces the pair as a whole.
+  other = corpus_lib.class_corpus(keys, labels, num_items=60, seed=5)
+  corpus_lib.save_corpus(tmp_path / "c", other, other.make_docids("random"))
+  assert corpus_lib.load_corpus(tmp_path / "c")[0] == other
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
+def test_save_rejects_ids_of_other_items(tmp_path):
+  keys, labels = _toy_data()
+  corpus = corpus_lib.class_corpus(keys, labels, num_items=60, seed=4)
+  ids = docids_lib.random_ids(["a", "b"])
+  with pytest.raises(ValueError, match="indexed keys"):
+    corpus_lib.save_corpus(tmp_path / "c", corpus, ids)
+  assert not os.listdir(tmp_path)
 
 
 def _corrupt(path, edit) -> None:
@@ -219,28 +241,30 @@ def _corrupt(path, edit) -> None:
 @pytest.mark.parametrize(
   "edit, match",
   [
-    (lambda d: d["splits"]["query_val"].append("item-999999"), "unknown keys"),
-    (lambda d: d["splits"]["query_test"].append(d["splits"]["indexed"][0]), "repeats"),
-    (lambda d: d["keys"].__setitem__(1, d["keys"][0]), "duplicate keys"),
-    (lambda d: d["source_indices"].__setitem__(0, 10**6), "out of range"),
-    (lambda d: d["labels"].__setitem__(0, (d["labels"][0] + 1) % 10), "labels do not match"),
-    (lambda d: d.pop("splits"), "missing"),
+    (lambda d: d["queries"]["validation"][0]["relevant"].append("item-999999"), "not indexed"),
+    (lambda d: d["queries"]["test"].append(d["queries"]["train"][0]), "more than once"),
+    (lambda d: d["indexed"].append(d["indexed"][0]), "more than once"),
+    (lambda d: d["queries"]["test"][0].__setitem__("item", d["indexed"][0]), "is the indexed"),
+    (lambda d: d["labels"].pop(d["indexed"][0]), "has no label"),
+    (lambda d: d.pop("queries"), "missing"),
+    (lambda d: d.__setitem__("format", "other"), "not a corpus file"),
   ],
 )
 def test_load_corrupted(tmp_path, edit, match):
-  images, labels = _toy_data()
-  path = tmp_path / "corpus.json"
-  sample_corpus(images, labels, num_items=40).save(path)
-  _corrupt(path, edit)
+  keys, labels = _toy_data()
+  corpus = corpus_lib.class_corpus(keys, labels, num_items=40)
+  corpus_lib.save_corpus(tmp_path, corpus, corpus.make_docids("random"))
+  _corrupt(tmp_path / "corpus.json", edit)
   with pytest.raises(ValueError, match=match) as info:
-    ImageCorpus.load(path, images, labels)
-  assert "corpus.json" in str(info.value)
+    corpus_lib.load_corpus(tmp_path)
+  assert "corpus.json" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_load_truncated_json(tmp_path):
-  images, labels = _toy_data()
+  keys, labels = _toy_data()
+  corpus = corpus_lib.class_corpus(keys, labels, num_items=40)
+  corpus_lib.save_corpus(tmp_path, corpus, corpus.make_docids("random"))
   path = tmp_path / "corpus.json"
-  sample_corpus(images, labels, num_items=40).save(path)
   path.write_text(path.read_text()[:50])
   with pytest.raises(ValueError, match="corpus.json"):
-    ImageCorpus.load(path, images, labels)
+    corpus_lib.load_corpus(tmp_path)

@@ -1,0 +1,397 @@
+"""SeqIO tasks and mixtures for a DSI corpus, and the feature converter that feeds a model.
+
+For a corpus named NAME, `register_dsi_tasks` adds
+
+  NAME_indexing   every indexed item -> its id             (split "train")
+  NAME_retrieval  query -> a relevant id                   (splits "train", "validation", "test")
+  NAME            a mixture of the two at a given indexing : retrieval rate
+
+Examples hold `targets` (id tokens, eos-terminated), the encoder input, and a few
+pass-through features that evaluation reads: `key` (item or query key) and, on retrieval
+examples, `relevant` (int32 rows of every relevant item in the DocidMap). A training query
+with several relevant items gives one example per relevant item (the DSI multitask recipe);
+validation and test queries give one example each.
+
+Encoder inputs by modality:
+  "image": `inputs` is float32 `[size, size, 3]` in [-1, 1] (uint8 pixels scaled);
+  "text":  `inputs` is int32 tokens of the text vocabulary (eos-terminated).
+A corpus whose items are images and whose queries are texts (captions) has both: images in
+`inputs`, texts in `text_inputs`; each example fills the one it lacks with zeros / no tokens, so
+that the indexing and retrieval tasks mix.
+
+Another project registers its own corpus in a few lines:
+
+    from dsi_jax import tasks
+    from dsi_jax.data import corpus as corpus_lib
+
+    corpus = corpus_lib.class_corpus(keys, labels, num_items=200)
+    tasks.register_dsi_tasks(
+      "my_corpus", tasks.CorpusData(corpus, corpus.make_docids("random"), images=images_by_key)
+    )
+    ds = seqio.get_dataset("my_corpus", task_feature_lengths=...,
+                           feature_converter=tasks.DSIFeatureConverter(modality="image"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from dsi_jax import docids as docids_lib
+from dsi_jax.data import corpus as corpus_lib
+
+MODALITIES = ("image", "text", "image+text")
+_REGISTERED: dict[str, Callable[[], CorpusData]] = {}
+TEXT_VOCABULARY = seqio.ByteVocabulary()
+
+
+class DocidVocabulary(seqio.Vocabulary):
+  """The id vocabulary of a DocidMap: 0 pad, 1 eos, then one token per code.
+
+  Strings are ids written as codes joined by "-" ("3-0-7"), as `DocidMap.id_string` writes them.
+  """
+
+  def __init__(self, num_codes: int):
+    self._num_codes = int(num_codes)
+    super().__init__(extra_ids=0)
+
+  @property
+  def eos_id(self) -> int:
+    return docids_lib.EOS
+
+  @property
+  def pad_id(self) -> int:
+    return docids_lib.PAD
+
+  @property
+  def unk_id(self) -> None:
+    return None
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self._num_codes + docids_lib.NUM_SPECIAL
+
+  def _encode(self, s: str) -> list[int]:
+    return [int(c) + docids_lib.NUM_SPECIAL for c in s.split("-") if c]
+
+  def _decode(self, ids) -> str:
+    return "-".join(
+      str(int(i) - docids_lib.NUM_SPECIAL) for i in ids if i >= docids_lib.NUM_SPECIAL
+    )
+
+  def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+    codes = tf.strings.to_number(tf.strings.split(s, "-"), tf.int32)
+    return codes + docids_lib.NUM_SPECIAL
+
+  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    codes = tf.boolean_mask(ids, ids >= docids_lib.NUM_SPECIAL) - docids_lib.NUM_SPECIAL
+    return tf.strings.reduce_join(tf.strings.as_string(codes), separator="-", axis=-1)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, DocidVocabulary) and other._num_codes == self._num_codes
+
+  def __hash__(self) -> int:
+    return hash(("DocidVocabulary", self._num_codes))
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusData:
+  """A corpus with its ids and the contents of its items, looked up by key.
+
+  Attributes:
+    corpus: which items are indexed, the queries and their relevance.
+    docids: the ids of `corpus.indexed`, in that order.
+    images: item key -> uint8 `[size, size, 3]` pixels (every indexed and query item).
+    texts: item key -> text, for corpora of documents.
+  """
+
+  corpus: corpus_lib.Corpus
+  docids: docids_lib.DocidMap
+  images: Mapping[str, np.ndarray] | None = None
+  texts: Mapping[str, str] | None = None
+
+  def __post_init__(self):
+    if tuple(self.docids.keys) != tuple(self.corpus.indexed):
+      raise ValueError("docids must hold the corpus's indexed keys, in order")
+    table = self.images if self.images is not None else self.texts
+    if table is None:
+      raise ValueError("CorpusData needs the items' images or texts")
+    missing = [k for k in self.corpus.item_keys if k not in table]
+    if missing:
+      raise ValueError(f"no image or text for item {missing[0]!r}")
+
+
+def output_features(
+  modality: str, num_codes: int, image_size: int | None = None, text_vocabulary=None
+) -> dict[str, seqio.Feature]:
+  """The output features of a DSI task of `modality` ("image", "text" or "image+text")."""
+  if modality not in MODALITIES:
+    raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+  text_vocabulary = text_vocabulary or TEXT_VOCABULARY
+  features = {"targets": seqio.Feature(DocidVocabulary(num_codes), add_eos=True)}
+  if modality in ("image", "image+text"):
+    features["inputs"] = seqio.ContinuousFeature(dtype=tf.float32, rank=3)
+  if modality == "text":
+    features["inputs"] = seqio.Feature(text_vocabulary, add_eos=True)
+  if modality == "image+text":
+    features["text_inputs"] = seqio.Feature(text_vocabulary, add_eos=True)
+  return features
+
+
+def _examples(data: CorpusData, task: str, split: str, modality: str, text_vocab) -> dict:
+  """The examples of one task split as numpy columns (strings still untokenised)."""
+  corpus, docids = data.corpus, data.docids
+  rows: dict[str, list] = {"key": [], "targets": [], "relevant": [], "image": [], "text": []}
+
+  def add(key, item, text, relevant_rows, target_row):
+    rows["key"].append(key)
+    rows["targets"].append(docids.id_string(docids.keys[target_row]))
+    rows["relevant"].append(np.asarray(relevant_rows, np.int32))
+    rows["image"].append(data.images[item] if item is not None and data.images else None)
+    if text is None and item is not None and data.texts is not None:
+      text = data.texts[item]
+    rows["text"].append(text or "")
+
+  if task == "indexing":
+    for i, key in enumerate(corpus.indexed):
+      add(key, key, None, [i], i)
+  else:
+    for q in corpus.split(split):
+      rel = [docids.index(k) for k in q.relevant]
+      for r in rel if split == "train" else rel[:1]:
+        add(q.key, q.item, q.text, rel, r)
+  return rows
+
+
+def _dataset(
+  get_data: Callable[[], CorpusData],
+  task: str,
+  modality: str,
+  image_size: int | None,
+  text_vocab,
+  split: str,
+  shuffle_files: bool = False,
+  seed: int | None = None,
+) -> tf.data.Dataset:
+  del shuffle_files, seed  # One in-memory source; seqio shuffles examples.
+  data = get_data()
+  rows = _examples(data, task, split, modality, text_vocab)
+  n = len(rows["key"])
+  if n == 0:
+    raise ValueError(f"the {task} task has no examples in split {split!r}")
+  columns: dict[str, Any] = {
+    "key": np.asarray(rows["key"], dtype=object),
+    "targets": np.asarray(rows["targets"], dtype=object),
+  }
+  ragged = {"relevant": tf.ragged.constant(rows["relevant"], dtype=tf.int32)}
+  if modality in ("image", "image+text"):
+    size = image_size or next(im.shape[0] for im in rows["image"] if im is not None)
+    blank = np.zeros((size, size, 3), np.uint8)
+    columns["image"] = np.stack([blank if im is None else im for im in rows["image"]])
+  if modality in ("text", "image+text"):
+    columns["text"] = np.asarray(rows["text"], dtype=object)
+  ds = tf.data.Dataset.from_tensor_slices({**columns, **ragged})
+
+  def to_features(ex):
+    out = {"key": ex["key"], "targets": ex["targets"], "relevant": ex["relevant"]}
+    if modality in ("image", "image+text"):
+      out["inputs"] = tf.cast(ex["image"], tf.float32) / 127.5 - 1.0
+    if modality == "text":
+      out["inputs"] = ex["text"]
+    if modality == "image+text":
+      out["text_inputs"] = ex["text"]
+    return out
+
+  return ds.map(to_features, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def register_dsi_tasks(
+  name: str,
+  data: CorpusData | Callable[[], CorpusData],
+  *,
+  modality: str = "image",
+  num_codes: int | None = None,
+  image_size: int | None = None,
+  indexing_rate: float = 1.0,
+  retrieval_rate: float = 1.0,
+  text_vocabulary: seqio.Vocabulary | None = None,
+) -> dict[str, str]:
+  """Registers NAME_indexing, NAME_retrieval and the mixture NAME; returns their names.
+
+  Args:
+    name: prefix of the task names (e.g. "dsi_jax_fmnist512_clustered").
+    data: the corpus and its items, or a function that builds them on first use (so that
+      registering many corpora at import costs nothing).
+    modality: "image" (items and queries are images), "text" (documents and questions) or
+      "image+text" (images indexed, captions as queries).
+    num_codes: codes per id position; taken from `data` when it is given directly.
+    image_size: side of the images; taken from the data when omitted.
+    indexing_rate, retrieval_rate: mixing rates of the two tasks in the mixture.
+    text_vocabulary: the tokenizer of text inputs (default: UTF-8 bytes).
+  """
+  if isinstance(data, CorpusData):
+    fixed = data
+    num_codes = num_codes or data.docids.num_codes
+
+    def get_data():
+      return fixed
+  else:
+    if num_codes is None:
+      raise ValueError("num_codes is needed when data is built lazily")
+    get_data = functools.cache(data)
+  if indexing_rate < 0 or retrieval_rate < 0 or indexing_rate + retrieval_rate == 0:
+    raise ValueError(
+      f"mixture rates must be non-negative and not both zero, got "
+      f"indexing_rate={indexing_rate}, retrieval_rate={retrieval_rate}"
+    )
+  text_vocabulary = text_vocabulary or TEXT_VOCABULARY
+  features = output_features(modality, num_codes, image_size, text_vocabulary)
+  preprocessors = [
+    seqio.preprocessors.tokenize,
+    seqio.preprocessors.append_eos,
+    seqio.CacheDatasetPlaceholder(),
+  ]
+  _REGISTERED[name] = get_data
+  names = {"indexing": f"{name}_indexing", "retrieval": f"{name}_retrieval", "mixture": name}
+  for task, splits in (("indexing", ("train",)), ("retrieval", corpus_lib.QUERY_SPLITS)):
+    seqio.TaskRegistry.remove(names[task])
+    seqio.TaskRegistry.add(
+      names[task],
+      source=seqio.FunctionDataSource(
+        functools.partial(_dataset, get_data, task, modality, image_size, text_vocabulary),
+        splits=splits,
+      ),
+      preprocessors=preprocessors,
+      output_features=features,
+    )
+  seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(
+    name, [(names["indexing"], indexing_rate), (names["retrieval"], retrieval_rate)]
+  )
+  return names
+
+
+class DSIFeatureConverter(seqio.FeatureConverter):
+  """Task features (`inputs`, `targets`[, `text_inputs`]) -> encoder-decoder model features.
+
+  `encoder_input_tokens` is the encoder input: int32 tokens for text, float32 pixels
+  `[size, size, 3]` for images (then its "length" is the image side). Decoder features are
+  t5x's: `decoder_target_tokens`, `decoder_input_tokens` (targets shifted right, pad first) and
+  `decoder_loss_weights`. No packing: every example is one (input, id) pair.
+  """
+
+  def __init__(self, modality: str = "image", pack: bool = False, **kwargs):
+    if pack:
+      raise ValueError("DSIFeatureConverter does not pack examples")
+    if modality not in MODALITIES:
+      raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    self.modality = modality
+    spec = seqio.FeatureConverter.FeatureSpec
+    image = modality in ("image", "image+text")
+    inputs = spec(dtype=tf.float32, rank=3) if image else spec(dtype=tf.int32)
+    self.TASK_FEATURES = {"inputs": inputs, "targets": spec(dtype=tf.int32)}
+    self.MODEL_FEATURES = {
+      "encoder_input_tokens": inputs,
+      "decoder_target_tokens": spec(dtype=tf.int32),
+      "decoder_input_tokens": spec(dtype=tf.int32),
+      "decoder_loss_weights": spec(dtype=tf.int32),
+    }
+    if modality == "image+text":
+      self.TASK_FEATURES["text_inputs"] = spec(dtype=tf.int32)
+      self.MODEL_FEATURES["encoder_text_tokens"] = spec(dtype=tf.int32)
+    self.PACKING_FEATURE_DTYPES = {}
+    super().__init__(pack=False, **kwargs)
+
+  def _convert_features(self, ds, task_feature_lengths):
+    lengths = dict(task_feature_lengths)
+    if self.modality != "text":
+      lengths.pop("inputs")  # images are not trimmed or padded
+    ds = self._pack_or_pad(ds, lengths)
+
+    def convert(ex):
+      out = {
+        "encoder_input_tokens": ex["inputs"],
+        "decoder_target_tokens": ex["targets"],
+        "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(ex["targets"]),
+        "decoder_loss_weights": seqio.non_padding_position(ex["targets"]),
+      }
+      if self.modality == "image+text":
+        out["encoder_text_tokens"] = ex["text_inputs"]
+      return out
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    out = {
+      "encoder_input_tokens": task_feature_lengths["inputs"],
+      "decoder_target_tokens": task_feature_lengths["targets"],
+      "decoder_input_tokens": task_feature_lengths["targets"],
+      "decoder_loss_weights": task_feature_lengths["targets"],
+    }
+    if self.modality == "image+text":
+      out["encoder_text_tokens"] = task_feature_lengths["text_inputs"]
+    return out
+
+
+def corpus_data(name: str) -> CorpusData:
+  """The corpus, ids and items behind the tasks registered as `name` (built on first use)."""
+  if name not in _REGISTERED:
+    raise ValueError(
+      f"no DSI corpus registered as {name!r}; known: {', '.join(sorted(_REGISTERED))}"
+    )
+  return _REGISTERED[name]()
+
+
+def registered_corpora() -> list[str]:
+  """Names of the DSI corpora registered so far (each a mixture of its two tasks)."""
+  return sorted(_REGISTERED)
+
+
+def _read(task: str, split: str) -> list[dict[str, Any]]:
+  ds = seqio.get_mixture_or_task(task).get_dataset(
+    sequence_length=None, split=split, shuffle=False, use_cached=False, num_epochs=1
+  )
+  return list(ds.as_numpy_iterator())
+
+
+def retrieval_data(name: str):
+  """The trainer's arrays, read through the SeqIO tasks of corpus `name`.
+
+  Returns `(RetrievalData, DocidMap)`: row i of `index_inputs` is the item with id row i; each
+  query's relevant rows come from its `relevant` feature, and a training query's examples
+  (one per relevant item) are folded back into one query.
+  """
+  from dsi_jax import train as train_lib
+
+  docids = corpus_data(name).docids
+  index = _read(f"{name}_indexing", "train")
+  if [ex["key"].decode() for ex in index] != list(docids.keys):
+    raise ValueError(f"{name}_indexing: items are not in id order")
+  splits = {}
+  for split in corpus_lib.QUERY_SPLITS:
+    by_query: dict[bytes, dict] = {}
+    for ex in _read(f"{name}_retrieval", split):
+      by_query.setdefault(ex["key"], ex)
+    queries = list(by_query.values())
+    splits[split] = (
+      np.stack([q["inputs"] for q in queries])
+      if queries
+      else np.zeros((0,) + index[0]["inputs"].shape, np.float32),
+      [np.sort(q["relevant"]) for q in queries],
+    )
+  data = train_lib.RetrievalData(
+    index_inputs=np.stack([ex["inputs"] for ex in index]),
+    train_inputs=splits["train"][0],
+    train_relevant=splits["train"][1],
+    val_inputs=splits["validation"][0],
+    val_relevant=splits["validation"][1],
+    test_inputs=splits["test"][0],
+    test_relevant=splits["test"][1],
+  )
+  return data, docids

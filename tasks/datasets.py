@@ -1,0 +1,277 @@
+"""The corpora dsi_jax registers at import: every seed setting, as SeqIO tasks and mixtures.
+
+Names are `dsi_jax_<corpus>_<ids>` (the mixture), `..._indexing` and `..._retrieval`:
+
+  dsi_jax_fmnist{512,1024,2048}_{random,clustered}   Fashion-MNIST, same class = relevant
+  dsi_jax_imagefolder{512,1024,2048}_{random,clustered}  an ImageNet-layout folder
+  dsi_jax_coco{512,1024,2048}_random                  COCO 2017 val, shared category = relevant
+  dsi_jax_flickr8k1k_random, dsi_jax_flickr30k1k_random  captions -> their image
+  dsi_jax_squad_random                                SQuAD v1.1 dev, question -> paragraph
+
+Registering is free: a corpus is built on first use. Then the tfds dataset is prepared from
+local files (never downloaded) in the data dir, the corpus is sampled (seed 0) and saved with
+its ids in `<data dir>/corpora/<name>/`, and later uses read that saved corpus, so an
+evaluation months later sees the same corpus and ids.
+
+Where the source files are (environment variables; see the README's "Datasets"):
+  DSI_JAX_FASHION_MNIST_DIR (default: the Debian package's folder), DSI_JAX_IMAGE_FOLDER,
+  DSI_JAX_COCO_DIR, DSI_JAX_FLICKR8K_DIR, DSI_JAX_FLICKR30K_DIR, DSI_JAX_SQUAD_FILE.
+The data dir is DSI_JAX_DATA_DIR, else `dsi_jax` under tfds' default data dir (TFDS_DATA_DIR
+or ~/tensorflow_datasets): prepared tfds datasets go to `<data dir>/tfds/<source>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from dsi_jax.data import corpus as corpus_lib
+from dsi_jax.tasks import core
+
+SIZES = (512, 1024, 2048)
+NUM_CODES = 10
+DATA_DIR_ENV = "DSI_JAX_DATA_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A tfds dataset built from local files, and how to sample a corpus from it.
+
+  Attributes:
+    name: the source's short name ("fmnist", "flickr8k", ...).
+    builder: registered builder name, e.g. "dsi_fashion_mnist".
+    config: builder config, e.g. "32px".
+    split: the split the corpus is sampled from.
+    env: environment variable naming the source folder or file (None: the builder's default).
+    relevance: "class", "category", "caption" or "qa" (which sampler of `corpus_lib`).
+  """
+
+  name: str
+  builder: str
+  config: str | None
+  split: str
+  env: str | None
+  relevance: str
+
+  @property
+  def modality(self) -> str:
+    return {"caption": "image+text", "qa": "text"}.get(self.relevance, "image")
+
+  def location(self, override: str | None = None) -> str | None:
+    if override:
+      return override
+    if self.env is None:
+      return None
+    value = os.environ.get(self.env)
+    if not value:
+      raise ValueError(
+        f"{self.builder}: set {self.env} to the local copy of the data set (see the README's "
+        "'Datasets' section)"
+      )
+    return value
+
+
+SOURCES = {  # name: Source(name, builder, config, split, environment variable, relevance)
+  "fmnist": Source("fmnist", "dsi_fashion_mnist", "32px", "train", None, "class"),
+  "imagefolder": Source(
+    "imagefolder", "dsi_image_folder", "64px", "train", "DSI_JAX_IMAGE_FOLDER", "class"
+  ),
+  "coco": Source("coco", "dsi_coco2017", "64px", "validation", "DSI_JAX_COCO_DIR", "category"),
+  "flickr8k": Source(
+    "flickr8k", "dsi_flickr", "64px_all", "train", "DSI_JAX_FLICKR8K_DIR", "caption"
+  ),
+  "flickr30k": Source(
+    "flickr30k", "dsi_flickr", "64px_all", "test", "DSI_JAX_FLICKR30K_DIR", "caption"
+  ),
+  "squad": Source("squad", "dsi_squad", None, "validation", "DSI_JAX_SQUAD_FILE", "qa"),
+}
+
+
+def data_dir() -> str:
+  """Where prepared tfds datasets and saved corpora live."""
+  return os.environ.get(DATA_DIR_ENV) or os.path.join(
+    os.fspath(tfds.core.constants.DATA_DIR), "dsi_jax"
+  )
+
+
+def prepare(source: Source, data_dir_: str | None = None, location: str | None = None):
+  """The prepared tfds builder of `source` (built from local files on first use).
+
+  tfds knows a prepared dataset by name, config and version only, not by the files it came
+  from, so each source (Flickr8k and Flickr30k share the `dsi_flickr` builder) is prepared in
+  a folder of its own under the data dir.
+  """
+  from dsi_jax.data import builders
+
+  return builders.build(
+    source.builder,
+    source=source.location(location),
+    data_dir=os.path.join(data_dir_ or data_dir(), "tfds", source.name),
+    config=source.config,
+  )
+
+
+def _columns(builder, split: str, names: tuple[str, ...]) -> dict[str, list]:
+  """Selected non-image features of every example of a split (images are not decoded)."""
+  decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
+  ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+  ds = ds.map(lambda ex: {k: ex[k] for k in names})
+  out: dict[str, list] = {k: [] for k in names}
+  for ex in ds.as_numpy_iterator():
+    for k in names:
+      out[k].append(ex[k])
+  return out
+
+
+def _images(builder, split: str, keys: set[str]) -> dict[str, np.ndarray]:
+  """Decoded images of the examples whose key is in `keys`."""
+  ds = builder.as_dataset(
+    split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+  )
+  out = {}
+  for ex in ds.as_numpy_iterator():
+    key = ex["key"].decode()
+    if key in keys:
+      out[key] = tf.io.decode_image(ex["image"], channels=3).numpy()
+  return out
+
+
+def _text(values) -> list[str]:
+  return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def sample(source: Source, builder, num_items: int | None, seed: int) -> corpus_lib.Corpus:
+  """Samples a corpus of `num_items` from the prepared dataset."""
+  info = {"dataset": builder.info.full_name, "split": source.split}
+  if source.relevance == "class":
+    cols = _columns(builder, source.split, ("key", "label"))
+    return corpus_lib.class_corpus(
+      _text(cols["key"]), np.asarray(cols["label"]), num_items=num_items, seed=seed, source=info
+    )
+  if source.relevance == "category":
+    cols = _columns(builder, source.split, ("key", "categories"))
+    return corpus_lib.category_corpus(
+      _text(cols["key"]),
+      [c.tolist() for c in cols["categories"]],
+      num_items=num_items,
+      seed=seed,
+      source=info,
+    )
+  if source.relevance == "caption":
+    cols = _columns(builder, source.split, ("key", "captions"))
+    return corpus_lib.caption_corpus(
+      _text(cols["key"]),
+      [_text(c) for c in cols["captions"]],
+      num_items=num_items,
+      seed=seed,
+      source=info,
+    )
+  cols = _columns(builder, source.split, ("key", "questions"))
+  questions = [
+    list(zip(_text(q["id"]), _text(q["question"]), strict=True)) for q in cols["questions"]
+  ]
+  return corpus_lib.qa_corpus(
+    _text(cols["key"]), questions, num_items=num_items, seed=seed, source=info
+  )
+
+
+def load_corpus_data(
+  source: Source,
+  *,
+  num_items: int | None,
+  scheme: str,
+  seed: int = 0,
+  corpus_dir: str | None = None,
+  data_dir_: str | None = None,
+  location: str | None = None,
+) -> core.CorpusData:
+  """The corpus (sampled once, then read from `corpus_dir`), its ids and its items."""
+  builder = prepare(source, data_dir_, location)
+  if corpus_dir and os.path.isfile(os.path.join(corpus_dir, corpus_lib.CORPUS_FILE)):
+    corpus, docids = corpus_lib.load_corpus(corpus_dir)
+  else:
+    corpus = sample(source, builder, num_items, seed)
+    docids = corpus.make_docids(scheme, num_codes=NUM_CODES, seed=seed)
+    if corpus_dir:
+      corpus_lib.save_corpus(corpus_dir, corpus, docids)
+  if source.relevance == "qa":
+    cols = _columns(builder, source.split, ("key", "text"))
+    texts = dict(zip(_text(cols["key"]), _text(cols["text"]), strict=True))
+    return core.CorpusData(corpus, docids, texts=texts)
+  wanted = set(corpus.item_keys)
+  images = _images(builder, source.split, wanted)
+  missing = wanted - set(images)
+  if missing:
+    raise ValueError(
+      f"{corpus_dir or 'corpus'}: item {sorted(missing)[0]!r} is not in {builder.info.full_name}"
+    )
+  return core.CorpusData(corpus, docids, images=images)
+
+
+def register(
+  corpus: str,
+  *,
+  num_items: int | None,
+  scheme: str,
+  seed: int = 0,
+  name: str | None = None,
+  corpus_dir: str | None = None,
+  location: str | None = None,
+  **kwargs: Any,
+) -> dict[str, str]:
+  """Registers the tasks of one corpus of a known data set (see `SOURCES`); lazy.
+
+  Args:
+    corpus: a key of `SOURCES` ("fmnist", "coco", "flickr8k", "squad", ...).
+    num_items: corpus size (None: the whole split).
+    scheme: docid scheme ("random", "clustered").
+    seed: sampling and id seed.
+    name: task-name prefix (default `dsi_jax_<corpus><num_items>_<scheme>`).
+    corpus_dir: where the corpus and ids are saved (default under the data dir).
+    location: the source folder or file (default: from the environment variable).
+    **kwargs: passed to `register_dsi_tasks` (e.g. `indexing_rate`, `retrieval_rate`).
+  """
+  if corpus not in SOURCES:
+    raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(SOURCES)}")
+  source = SOURCES[corpus]
+  size = "" if num_items is None else str(num_items)
+  name = name or f"dsi_jax_{corpus}{size}_{scheme}"
+
+  def build() -> core.CorpusData:
+    return load_corpus_data(
+      source,
+      num_items=num_items,
+      scheme=scheme,
+      seed=seed,
+      corpus_dir=corpus_dir or os.path.join(data_dir(), "corpora", name),
+      location=location,
+    )
+
+  image_size = int(source.config.split("px")[0]) if source.config else None
+  return core.register_dsi_tasks(
+    name,
+    build,
+    modality=source.modality,
+    num_codes=NUM_CODES,
+    image_size=image_size,
+    **kwargs,
+  )
+
+
+@functools.cache
+def register_all() -> None:
+  """Registers every corpus of the module docstring (once per process)."""
+  for size in SIZES:
+    for scheme in ("random", "clustered"):
+      register("fmnist", num_items=size, scheme=scheme)
+      register("imagefolder", num_items=size, scheme=scheme)
+    register("coco", num_items=size, scheme="random")
+  register("flickr8k", num_items=1000, scheme="random", name="dsi_jax_flickr8k1k_random")
+  register("flickr30k", num_items=1000, scheme="random", name="dsi_jax_flickr30k1k_random")
+  register("squad", num_items=None, scheme="random")

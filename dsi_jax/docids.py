@@ -8,6 +8,13 @@ codes, so that `"ids": {"img-000123": [3, 0, 7]}` reads as id "307".
 Schemes:
   random:    a random permutation of 0 ... N-1 written in base `num_codes`, fixed length.
   clustered: items of the same class get consecutive numbers, fixed length.
+  naive:     the item's arbitrary number (its position) as a plain digit string, so ids differ
+             in length ("7", "42", "1305"); the DSI paper's "naive string" ids.
+  semantic:  hierarchical k-means over item embeddings (DSI): k clusters per level, a cluster
+             of at most c items is a leaf whose items are numbered at the last position; items
+             with near-identical embeddings share a prefix. Ids differ in length.
+  rq:        residual quantisation of the embeddings: `levels` codebooks of `codebook_size`
+             codes, then a final token that separates items sharing all codes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ PAD = 0
 EOS = 1
 NUM_SPECIAL = 2
 FORMAT = "dsi_jax.docids/1"
-SCHEMES = ("random", "clustered")
+SCHEMES = ("random", "clustered", "naive", "semantic", "rq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,21 +218,138 @@ def clustered_ids(
   return DocidMap("clustered", num_codes, tuple(keys), tuple(_digits(numbers, num_codes, length)))
 
 
+def naive_ids(keys: Sequence[str], *, num_codes: int = 10) -> DocidMap:
+  """Item i gets the digits of i in base `num_codes`, without leading zeros (variable length)."""
+  if num_codes < 2:
+    raise ValueError(f"num_codes must be >= 2, got {num_codes}")
+  codes = []
+  for i in range(len(keys)):
+    digits = []
+    while True:
+      i, d = divmod(i, num_codes)
+      digits.append(d)
+      if i == 0:
+        break
+    codes.append(tuple(reversed(digits)))
+  return DocidMap("naive", num_codes, tuple(keys), tuple(codes))
+
+
+def _check_embeddings(keys: Sequence[str], embeddings) -> np.ndarray:
+  x = np.asarray(embeddings, dtype=np.float32)
+  if x.ndim != 2 or len(x) != len(keys):
+    raise ValueError(f"embeddings must be [num_items={len(keys)}, dim], got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("embeddings contain NaN or infinite values")
+  return x
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """Cluster labels of the rows of `x` (scikit-learn k-means; fewer clusters if few points)."""
+  from sklearn.cluster import KMeans
+
+  k = min(k, len(np.unique(x, axis=0)))
+  if k < 2:
+    return np.zeros(len(x), dtype=np.int64)
+  return KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(x).astype(np.int64)
+
+
+def semantic_ids(
+  keys: Sequence[str],
+  embeddings,
+  *,
+  k: int = 10,
+  c: int = 100,
+  seed: int = 0,
+) -> DocidMap:
+  """Hierarchical k-means ids (DSI): `k` clusters per level, leaves of at most `c` items.
+
+  An item's id is the path of cluster numbers down to its leaf, then its number within the
+  leaf. Codes run up to max(k, c), so the vocabulary has `max(k, c) + 2` tokens. Clusters that
+  k-means cannot split (identical embeddings) are split by position, so every id is distinct.
+  """
+  if k < 2 or c < 1:
+    raise ValueError(f"semantic ids need k >= 2 and c >= 1, got k={k}, c={c}")
+  x = _check_embeddings(keys, embeddings)
+  codes: list[tuple[int, ...] | None] = [None] * len(keys)
+
+  def assign(rows: np.ndarray, prefix: tuple[int, ...], depth: int) -> None:
+    if len(rows) <= c:
+      for j, r in enumerate(rows):
+        codes[r] = (*prefix, j)
+      return
+    labels = _kmeans(x[rows], k, seed + depth)
+    if len(np.unique(labels)) < 2:  # cannot split by content: split by position
+      labels = np.arange(len(rows)) * k // len(rows)
+    for cluster in np.unique(labels):
+      assign(rows[labels == cluster], (*prefix, int(cluster)), depth + 1)
+
+  assign(np.arange(len(keys)), (), 0)
+  return DocidMap("semantic", max(k, c), tuple(keys), tuple(codes))
+
+
+def rq_ids(
+  keys: Sequence[str],
+  embeddings,
+  *,
+  levels: int = 3,
+  codebook_size: int = 256,
+  seed: int = 0,
+) -> DocidMap:
+  """Residual-quantisation ids: one k-means codebook per level on the residuals, then a token
+  numbering the items that share all `levels` codes (0 for the first, 1 for the next, ...)."""
+  if levels < 1 or codebook_size < 2:
+    raise ValueError(
+      f"rq ids need levels >= 1 and codebook_size >= 2, got {levels}, {codebook_size}"
+    )
+  residual = _check_embeddings(keys, embeddings).copy()
+  from sklearn.cluster import KMeans
+
+  code_columns = []
+  for level in range(levels):
+    k = min(codebook_size, len(np.unique(residual, axis=0)))
+    if k < 2:
+      code_columns.append(np.zeros(len(keys), dtype=np.int64))
+      continue
+    km = KMeans(n_clusters=k, n_init=1, random_state=seed + level).fit(residual)
+    code_columns.append(km.labels_.astype(np.int64))
+    residual = residual - km.cluster_centers_[km.labels_]
+  prefixes = np.stack(code_columns, axis=1)
+  seen: dict[tuple[int, ...], int] = {}
+  codes = []
+  for row in prefixes:
+    prefix = tuple(int(v) for v in row)
+    n = seen.get(prefix, 0)
+    seen[prefix] = n + 1
+    codes.append((*prefix, n))
+  num_codes = max(codebook_size, max(seen.values()))
+  return DocidMap("rq", num_codes, tuple(keys), tuple(codes))
+
+
 def make_docids(
   scheme: str,
   keys: Sequence[str],
   *,
   labels: Sequence[int] | np.ndarray | None = None,
+  embeddings=None,
   num_codes: int = 10,
   seed: int = 0,
 ) -> DocidMap:
-  """Builds a DocidMap with the named scheme."""
+  """Builds a DocidMap with the named scheme (`labels` for clustered, `embeddings` for
+  semantic and rq)."""
   if scheme == "random":
     return random_ids(keys, num_codes=num_codes, seed=seed)
+  if scheme == "naive":
+    return naive_ids(keys, num_codes=num_codes)
   if scheme == "clustered":
     if labels is None:
       raise ValueError("the 'clustered' id scheme needs class labels")
     return clustered_ids(keys, labels, num_codes=num_codes, seed=seed)
+  if scheme in ("semantic", "rq"):
+    if embeddings is None:
+      raise ValueError(f"the {scheme!r} id scheme needs item embeddings")
+    if scheme == "semantic":
+      return semantic_ids(keys, embeddings, k=num_codes, seed=seed)
+    return rq_ids(keys, embeddings, seed=seed)
   raise ValueError(f"unknown docid scheme {scheme!r}; known: {', '.join(SCHEMES)}")
 
 

@@ -144,7 +144,7 @@ def output_features(
   return features
 
 
-def _examples(data: CorpusData, task: str, split: str, modality: str, text_vocab) -> dict:
+def _examples(data: CorpusData, task: str, split: str) -> dict:
   """The examples of one task split as numpy columns (strings still untokenised)."""
   corpus, docids = data.corpus, data.docids
   rows: dict[str, list] = {"key": [], "targets": [], "relevant": [], "image": [], "text": []}
@@ -174,14 +174,13 @@ def _dataset(
   task: str,
   modality: str,
   image_size: int | None,
-  text_vocab,
   split: str,
   shuffle_files: bool = False,
   seed: int | None = None,
 ) -> tf.data.Dataset:
   del shuffle_files, seed  # One in-memory source; seqio shuffles examples.
   data = get_data()
-  rows = _examples(data, task, split, modality, text_vocab)
+  rows = _examples(data, task, split)
   n = len(rows["key"])
   if n == 0:
     raise ValueError(f"the {task} task has no examples in split {split!r}")
@@ -264,7 +263,7 @@ def register_dsi_tasks(
     seqio.TaskRegistry.add(
       names[task],
       source=seqio.FunctionDataSource(
-        functools.partial(_dataset, get_data, task, modality, image_size, text_vocabulary),
+        functools.partial(_dataset, get_data, task, modality, image_size),
         splits=splits,
       ),
       preprocessors=preprocessors,

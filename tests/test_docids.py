@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dsi_jax import docids as docids_lib
+from dsi_jax.trie import build_trie
 
 
 def test_random_ids_are_dense_and_distinct():
@@ -80,3 +81,68 @@ def test_truncated_file(tmp_path):
   path.write_text('{"format": "dsi_jax.docids/1", "ids": {"a": [1')
   with pytest.raises(ValueError, match="not a JSON docid map"):
     docids_lib.DocidMap.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Schemes from embeddings and plain numbers.
+
+
+def _embeddings(n=300, dim=16, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("scheme", ["random", "naive", "semantic", "rq"])
+def test_every_scheme_builds_a_valid_collision_free_map(scheme, tmp_path):
+  keys = [f"doc{i}" for i in range(300)]
+  kwargs = {"embeddings": _embeddings()} if scheme in ("semantic", "rq") else {}
+  if scheme == "semantic":
+    ids = docids_lib.semantic_ids(keys, kwargs["embeddings"], k=4, c=10)
+  elif scheme == "rq":
+    ids = docids_lib.rq_ids(keys, kwargs["embeddings"], levels=2, codebook_size=8)
+  else:
+    ids = docids_lib.make_docids(scheme, keys, **kwargs)
+  assert ids.scheme == scheme and len(set(ids.codes)) == 300
+  ids.save(tmp_path / "ids.json")  # the constructor and load both validate
+  assert docids_lib.DocidMap.load(tmp_path / "ids.json") == ids
+  # Every id decodes back through the trie.
+  trie = build_trie(ids)
+  assert int(trie.num_items) == 300
+
+
+def test_naive_ids_are_plain_numbers_of_varying_length():
+  ids = docids_lib.naive_ids([f"d{i}" for i in range(120)])
+  assert ids.id_string("d7") == "7" and ids.id_string("d42") == "4-2"
+  assert ids.id_string("d105") == "1-0-5" and ids.max_length == 4
+
+
+def test_semantic_ids_put_near_duplicates_under_a_shared_prefix():
+  rng = np.random.default_rng(1)
+  centres = rng.normal(size=(6, 8)) * 10
+  x = np.concatenate([c + 0.01 * rng.normal(size=(40, 8)) for c in centres])
+  keys = [f"doc{i}" for i in range(len(x))]
+  ids = docids_lib.semantic_ids(keys, x, k=6, c=10, seed=0)
+  first = {}
+  for i, key in enumerate(keys):
+    first.setdefault(i // 40, set()).add(ids.codes[ids.index(key)][0])
+  # Each group of near-duplicates sits under one first code, and groups get different codes.
+  assert all(len(v) == 1 for v in first.values())
+  assert len({next(iter(v)) for v in first.values()}) == 6
+  # Identical embeddings still get distinct ids (split by position).
+  same = docids_lib.semantic_ids([f"s{i}" for i in range(25)], np.ones((25, 4)), k=3, c=10)
+  assert len(set(same.codes)) == 25
+
+
+def test_rq_ids_separate_items_sharing_every_code():
+  x = np.repeat(_embeddings(10, 4), 3, axis=0)  # each embedding three times
+  ids = docids_lib.rq_ids([f"d{i}" for i in range(30)], x, levels=2, codebook_size=4)
+  tails = sorted(c[-1] for c in ids.codes)
+  assert len(set(ids.codes)) == 30 and max(tails) >= 2
+
+
+def test_embedding_schemes_reject_bad_embeddings():
+  with pytest.raises(ValueError, match="needs item embeddings"):
+    docids_lib.make_docids("semantic", ["a", "b"])
+  with pytest.raises(ValueError, match=r"embeddings must be \[num_items=2"):
+    docids_lib.semantic_ids(["a", "b"], np.zeros((3, 4)))
+  with pytest.raises(ValueError, match="NaN"):
+    docids_lib.rq_ids(["a", "b"], np.array([[0.0, np.nan], [1.0, 1.0]]))

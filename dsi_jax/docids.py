@@ -8,6 +8,8 @@ codes, so that `"ids": {"img-000123": [3, 0, 7]}` reads as id "307".
 Schemes:
   random:    a random permutation of 0 ... N-1 written in base `num_codes`, fixed length.
   clustered: items of the same class get consecutive numbers, fixed length.
+  atomic:    one token per item (the decoder's output layer has a row per item; decoding is a
+             top-k over it).
   naive:     the item's arbitrary number (its position) as a plain digit string, so ids differ
              in length ("7", "42", "1305"); the DSI paper's "naive string" ids.
   semantic:  hierarchical k-means over item embeddings (DSI): k clusters per level, a cluster
@@ -32,7 +34,7 @@ PAD = 0
 EOS = 1
 NUM_SPECIAL = 2
 FORMAT = "dsi_jax.docids/1"
-SCHEMES = ("random", "clustered", "naive", "semantic", "rq")
+SCHEMES = ("random", "clustered", "atomic", "naive", "semantic", "rq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,11 @@ def clustered_ids(
   return DocidMap("clustered", num_codes, tuple(keys), tuple(_digits(numbers, num_codes, length)))
 
 
+def atomic_ids(keys: Sequence[str]) -> DocidMap:
+  """One code per item: item i is the single token i (vocabulary of N + 2 tokens)."""
+  return DocidMap("atomic", max(len(keys), 1), tuple(keys), tuple((i,) for i in range(len(keys))))
+
+
 def naive_ids(keys: Sequence[str], *, num_codes: int = 10) -> DocidMap:
   """Item i gets the digits of i in base `num_codes`, without leading zeros (variable length)."""
   if num_codes < 2:
@@ -340,6 +347,8 @@ def make_docids(
     return random_ids(keys, num_codes=num_codes, seed=seed)
   if scheme == "naive":
     return naive_ids(keys, num_codes=num_codes)
+  if scheme == "atomic":
+    return atomic_ids(keys)
   if scheme == "clustered":
     if labels is None:
       raise ValueError("the 'clustered' id scheme needs class labels")

@@ -162,3 +162,22 @@ def test_ids_of_different_lengths_decode():
   # The tokens of each result are its id then eos then pad.
   for r, key in enumerate(keys):
     np.testing.assert_array_equal(result.tokens[0, r], dm.targets([key])[0])
+
+
+def test_atomic_ids_decode_to_the_top_k_distinct_items():
+  n, batch, beams = 30, 3, 7
+  dm = docids_lib.atomic_ids([f"doc{i}" for i in range(n)])
+  trie = trie_lib.build_trie(dm)
+  table = jax.random.normal(jax.random.PRNGKey(3), (batch, dm.vocab_size)) * 4.0
+
+  def first_step_logits(tokens, cache):
+    # Query q's logits over items at the first step; eos is then forced by the trie.
+    return table[cache["query"]], cache
+
+  cache = {"query": jnp.repeat(jnp.arange(batch), beams)}
+  result = run_search(first_step_logits, cache, trie, batch, beams)
+  for q in range(batch):
+    items = result.items[q].tolist()
+    assert len(set(items)) == beams and min(items) >= 0
+    expected = np.argsort(-np.asarray(table[q, docids_lib.NUM_SPECIAL :]), kind="stable")[:beams]
+    assert items == expected.tolist()

@@ -91,7 +91,7 @@ def _embeddings(n=300, dim=16, seed=0):
   return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("scheme", ["random", "naive", "semantic", "rq"])
+@pytest.mark.parametrize("scheme", ["random", "atomic", "naive", "semantic", "rq"])
 def test_every_scheme_builds_a_valid_collision_free_map(scheme, tmp_path):
   keys = [f"doc{i}" for i in range(300)]
   kwargs = {"embeddings": _embeddings()} if scheme in ("semantic", "rq") else {}

@@ -23,6 +23,7 @@ setuptools.setup(
     "seqio>=0.0.20",
     "opencv-python-headless>=4.10",
     "scikit-learn>=1.5",
+    "bm25s>=0.3.11,<0.4",
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "numpy>=1.26",

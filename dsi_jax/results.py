@@ -17,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
-METRICS = ("ia@1", "ia@5", "map@10", "recall@100")
+METRICS = ("ia@1", "ia@5", "map@10", "recall@100")  # the seed's Table 1
+TEXT_METRICS = ("hits@1", "hits@10", "mrr@10")  # the DSI paper's question answering table
+_HEADERS = {
+  "ia@1": "IA@1",
+  "ia@5": "IA@5",
+  "map@10": "MAP@10",
+  "recall@100": "R@100",
+  "hits@1": "Hits@1",
+  "hits@10": "Hits@10",
+  "mrr@10": "MRR@10",
+}
 GROUP_KEYS = ("model", "setting", "ids", "dataset", "db_size")
 
 
@@ -35,7 +45,9 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
     row = {k: group[0].get(k) for k in GROUP_KEYS}
     row["num_queries"] = group[0].get("num_queries")
     row["num_seeds"] = len(group)
-    for m in METRICS:
+    for m in METRICS + TEXT_METRICS:
+      if all(m not in g for g in group):
+        continue
       values = [g.get(m) for g in group]
       if any(v is None for v in values):
         row[m] = None
@@ -59,14 +71,18 @@ def _cell(row: dict, metric: str) -> str:
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-  """The seed's Table-1 layout: one line per method, IA@1 IA@5 MAP@10 R@100."""
-  header = "| model | ids | setting | db size | queries | IA@1 | IA@5 | MAP@10 | R@100 |"
-  lines = [header, "|" + "---|" * 9]
+  """One line per method: the seed's Table-1 layout (IA@1 IA@5 MAP@10 R@100) for image rows,
+  Hits@1 Hits@10 MRR@10 for question answering rows (the metric groups the rows carry)."""
+  metrics = [m for m in METRICS if any(m in r for r in rows)]
+  metrics += [m for m in TEXT_METRICS if any(r.get(m) is not None for r in rows)]
+  header = "| model | ids | setting | db size | queries | "
+  header += " | ".join(_HEADERS[m] for m in metrics) + " |"
+  lines = [header, "|" + "---|" * (5 + len(metrics))]
   for r in rows:
     seeds = f" ×{r['num_seeds']} seeds" if r.get("num_seeds", 1) > 1 else ""
     lines.append(
       f"| {r['model']} | {r.get('ids') or '–'} | {r.get('setting') or '–'} | {r['db_size']} "
-      f"| {r['num_queries']}{seeds} | " + " | ".join(_cell(r, m) for m in METRICS) + " |"
+      f"| {r['num_queries']}{seeds} | " + " | ".join(_cell(r, m) for m in metrics) + " |"
     )
   return "\n".join(lines)
 

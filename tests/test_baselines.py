@@ -154,3 +154,24 @@ def test_bovw_few_descriptors_caps_vocabulary():
   assert num_descriptors < 10_000
   assert bovw.num_words_used == num_descriptors
   assert bovw.vocabulary.shape == (bovw.num_words_used, 128)
+
+
+# --------------------------------------------------------------------------------------------
+# BM25 (bm25s).
+
+
+def test_bm25_ranks_documents_by_shared_rare_words():
+  from dsi_jax.baselines.bm25 import BM25
+
+  docs = {
+    "cats": "The cat sat on the mat. Cats purr and chase mice.",
+    "dogs": "Dogs bark loudly at the mail carrier and chase cars.",
+    "jax": "JAX compiles numerical Python programs with XLA for accelerators.",
+  }
+  bm25 = BM25(list(docs.values()), list(docs))
+  ranked, scores = bm25.search(["why do cats purr", "XLA compiles programs", "quantum gravity"], 3)
+  assert ranked[0][0] == "cats" and ranked[1][0] == "jax"
+  assert ranked[2] == []  # no shared word: nothing retrieved, not a guess
+  assert np.all(np.diff(scores[0]) <= 0)
+  with pytest.raises(ValueError, match="2 documents but 1 keys"):
+    BM25(["a b", "c d"], ["only"])

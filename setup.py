@@ -27,7 +27,11 @@ setuptools.setup(
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "numpy>=1.26",
+    # The BERT text tower (dsi_jax.models.text) reads HF tokenizer.json and safetensors weights.
+    "tokenizers>=0.21,<0.24",
+    "safetensors>=0.4.3,<0.9",
   ],
-  extras_require={"test": ["pytest>=8"]},
+  # torch and transformers are the text tower's parity reference in tests/test_text_tower.py.
+  extras_require={"test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0"]},
   entry_points={"console_scripts": ["dsi-jax=dsi_jax.cli:main"]},
 )

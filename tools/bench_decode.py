@@ -20,18 +20,21 @@ references run on the same ids with the same logits:
   of the allowed next tokens to fill the next step's mask. This is a lean version of that
   pattern (one device call and one transfer per step, the mask built with numpy).
 
-Id layouts (both over the id vocabulary of 10 codes + pad + eos):
+Id layouts:
 
 * `random`: `dsi_jax.docids.random_ids`: a random permutation of 0 .. N-1 written in base 10
-  (fixed length ceil(log10 N)); the trie is complete, every prefix is dense. `clustered_ids`
-  numbers the same set of integers, so its trie is the very same shape and is not repeated.
-* `semantic`: hierarchical k-means ids in the manner of DSI's "semantically structured
-  identifiers": synthetic embeddings (a Gaussian mixture with Zipf-distributed component
-  sizes, not real data) are split recursively into 10 clusters by k-means until a cluster
-  has at most 10 items, and an item's id is its path of cluster indices plus its position
-  in its leaf. The trie is sparse (empty clusters leave codes unused) and the ids have
-  varying lengths, longer where the data is dense. No semantic id scheme exists in
-  `dsi_jax.docids` yet; this is the benchmark's own stand-in.
+  (fixed length ceil(log10 N), vocabulary 10 codes + pad + eos); the trie is complete, every
+  prefix is dense. `clustered_ids` numbers the same set of integers, so its trie is the very
+  same shape and is not repeated.
+* `semantic`: `dsi_jax.docids.semantic_ids` (DSI's hierarchical k-means ids: 10 clusters per
+  level, leaves of at most `--semantic-c` items numbered at the last position) over
+  SYNTHETIC embeddings: a 16-d Gaussian mixture with sqrt(N) components of Zipf-distributed
+  sizes, so some regions are dense (long ids) and some sparse; not real data. The trie is
+  sparse and the ids differ in length. With the default c = 100 (the DSI paper's) the codes
+  run up to 100, so the vocabulary is 102 tokens, not 12: the mask and top-k of a step are
+  ~8x wider than for `random`. `--semantic-c 10` keeps the vocabulary at 12, but the
+  library's k-means (scikit-learn, one fit per cluster) then takes ~100 s at 100k ids on 2
+  CPU cores and far longer at 1M.
 
 Also reported: the bytes of the trie's device arrays against N, and (summary) the ratio of
 the step time at the largest N to the smallest (target <= 1.5x) and the speed-up of the
@@ -242,76 +245,39 @@ def pyplot():
 # --------------------------------------------------------------------------------------------
 
 
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int) -> np.ndarray:
-  """Labels `[n]` of a few Lloyd iterations of k-means (centres seeded at random members)."""
-  centers = x[rng.choice(len(x), size=k, replace=False)]
-  x_sq = np.einsum("nd,nd->n", x, x)[:, None]
-  labels = np.zeros(len(x), np.int64)
-  for _ in range(iters):
-    dist = x_sq - 2.0 * x @ centers.T + np.einsum("kd,kd->k", centers, centers)[None]
-    labels = np.argmin(dist, axis=1)
-    counts = np.bincount(labels, minlength=k)
-    sums = np.zeros_like(centers)
-    np.add.at(sums, labels, x)
-    nonempty = counts > 0
-    centers[nonempty] = sums[nonempty] / counts[nonempty, None]
-  return labels
-
-
-def semantic_ids(
-  n: int, *, num_codes: int = 10, dim: int = 16, iters: int = 4, seed: int = 0
-) -> docids_lib.DocidMap:
-  """Hierarchical k-means ids over synthetic clustered embeddings (see the module docstring).
-
-  Args:
-    n: number of items.
-    num_codes: clusters per split, and the largest leaf.
-    dim: embedding dimension.
-    iters: Lloyd iterations per split.
-    seed: seed of the embeddings and of k-means.
-  """
+def synthetic_embeddings(n: int, *, dim: int = 16, seed: int = 0) -> np.ndarray:
+  """`[n, dim]` float32 points of a Gaussian mixture with Zipf-sized components (synthetic)."""
   rng = np.random.default_rng(seed)
   num_components = max(2, int(np.sqrt(n)))
-  weights = 1.0 / np.arange(1, num_components + 1) ** 1.1  # Zipf: a few large clusters
+  weights = 1.0 / np.arange(1, num_components + 1) ** 1.1  # a few large clusters
   component = rng.choice(num_components, size=n, p=weights / weights.sum())
   means = rng.normal(size=(num_components, dim)).astype(np.float32) * 4.0
-  x = means[component] + rng.normal(size=(n, dim)).astype(np.float32)
-  codes: list[tuple[int, ...]] = [()] * n
-  stack: list[tuple[np.ndarray, tuple[int, ...]]] = [(np.arange(n), ())]
-  while stack:
-    idx, prefix = stack.pop()
-    if len(idx) <= num_codes:
-      for j, i in enumerate(idx.tolist()):
-        codes[i] = (*prefix, j)
-      continue
-    labels = _kmeans(x[idx], num_codes, rng, iters)
-    if np.all(labels == labels[0]):  # no split (duplicates): cut into equal random parts
-      labels = rng.permutation(len(idx)) % num_codes
-    for c in range(num_codes):
-      part = idx[labels == c]
-      if len(part):
-        stack.append((part, (*prefix, c)))
-  keys = tuple(f"item{i}" for i in range(n))
-  return docids_lib.DocidMap("semantic", num_codes, keys, tuple(codes))
+  return means[component] + rng.normal(size=(n, dim)).astype(np.float32)
 
 
-def make_docids(layout: str, n: int, seed: int = 0) -> docids_lib.DocidMap:
+def make_docids(layout: str, n: int, *, seed: int = 0, semantic_c: int = 100):
   keys = [f"item{i}" for i in range(n)]
   if layout == "random":
     return docids_lib.random_ids(keys, num_codes=10, seed=seed)
   if layout == "semantic":
-    return semantic_ids(n, num_codes=10, seed=seed)
+    x = synthetic_embeddings(n, seed=seed)
+    return docids_lib.semantic_ids(keys, x, k=10, c=semantic_c, seed=seed)
   raise ValueError(f"unknown layout {layout!r}: use 'random' or 'semantic'")
 
 
-LAYOUTS = {
-  "random": "dsi_jax.docids.random_ids: a random permutation of 0..N-1 in base 10, fixed "
-  "length ceil(log10 N); a complete, dense trie (clustered_ids gives the same trie shape)",
-  "semantic": "hierarchical k-means ids (DSI-style semantically structured ids) over "
-  "SYNTHETIC embeddings (16-d Gaussian mixture, sqrt(N) components with Zipf sizes): "
-  "recursive 10-way k-means (4 Lloyd iterations) until <= 10 items, then the position "
-  "in the leaf; sparse trie, variable id lengths. Not a library scheme (none exists yet).",
-}
+def layout_text(layout: str, semantic_c: int) -> str:
+  if layout == "random":
+    return (
+      "dsi_jax.docids.random_ids: a random permutation of 0..N-1 in base 10, fixed length "
+      "ceil(log10 N), vocab 12; a complete, dense trie (clustered_ids gives the same shape)"
+    )
+  return (
+    f"dsi_jax.docids.semantic_ids(k=10, c={semantic_c}): DSI hierarchical k-means ids, over "
+    "SYNTHETIC embeddings (16-d Gaussian mixture, sqrt(N) components with Zipf sizes, not "
+    f"real data); codes up to {max(10, semantic_c)}, vocab {max(10, semantic_c) + 2}; sparse "
+    "trie, variable id lengths"
+  )
+
 
 # --------------------------------------------------------------------------------------------
 # The synthetic model and the two references.
@@ -457,9 +423,9 @@ class HostTrieSearch:
             new_nodes.append(parent)  # finished: stays on its item
       nodes = new_nodes
       last = np.asarray(token, np.int32).reshape(-1)
-    items = np.array(
-      [n if not isinstance(n, dict) else -1 for n in nodes], np.int64
-    ).reshape(batch, beams)
+    items = np.array([n if not isinstance(n, dict) else -1 for n in nodes], np.int64).reshape(
+      batch, beams
+    )
     items = np.where(host_scores > NEG_INF / 2, items, -1)
     return items, host_scores
 
@@ -483,7 +449,7 @@ def decode_steps(tokens: np.ndarray) -> int:
 
 def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]]:
   t0 = time.perf_counter()
-  dm = make_docids(layout, n, seed=args.seed)
+  dm = make_docids(layout, n, seed=args.seed, semantic_c=args.semantic_c)
   ids_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   trie = trie_lib.build_trie(dm)
@@ -521,11 +487,11 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
     for beams in args.beams:
       cache = make_cache(batch, beams)
       search = jax.jit(
-        functools.partial(
-          decoding.beam_search, tokens_to_logits, batch_size=batch, num_beams=beams
-        )
+        functools.partial(decoding.beam_search, tokens_to_logits, batch_size=batch, num_beams=beams)
       )
-      result = jax.device_get(search(cache, trie))
+      t0 = time.perf_counter()
+      result = jax.device_get(search(cache, trie))  # compiles
+      compile_s = time.perf_counter() - t0
       steps = decode_steps(result.tokens)
       timing = time_call(search, cache, trie, repeats=args.repeats, min_time=args.min_time)
       plain = jax.jit(
@@ -545,12 +511,13 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
         "batch": batch,
         "steps": steps,
         "max_length": trie.max_length,
+        "vocab": trie.vocab_size,
         "found": int((result.items >= 0).sum(-1).min()),
         "trie_s": timing["median_s"],
         "trie_step_ms": 1e3 * timing["median_s"] / steps,
         "trie_query_ms": 1e3 * timing["median_s"] / batch,
         "trie_times_s": timing["times_s"],
-        "compile_s": timing["warmup_s"],
+        "compile_s": compile_s,
         "plain_s": plain_t["median_s"],
         "plain_step_ms": 1e3 * plain_t["median_s"] / trie.max_length,
         "plain_query_ms": 1e3 * plain_t["median_s"] / batch,
@@ -653,7 +620,10 @@ def plot(report: dict, path: str) -> None:
   beams_all = list(dict.fromkeys(r["beams"] for r in rows))
   colors = {b: f"C{i}" for i, b in enumerate(beams_all)}
   fig, axes = plt.subplots(
-    len(layouts), len(batches) + 1, figsize=(5 * (len(batches) + 1), 4 * len(layouts)), squeeze=False
+    len(layouts),
+    len(batches) + 1,
+    figsize=(5 * (len(batches) + 1), 4 * len(layouts)),
+    squeeze=False,
   )
   for li, layout in enumerate(layouts):
     for bi, batch in enumerate(batches):
@@ -713,6 +683,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="N = 1k, 10k; fewer configs and repeats")
   p.add_argument("--ns", type=int_list, default=None, help="numbers of ids, e.g. 1k,10k,100k,1M")
   p.add_argument("--layouts", type=str_list, default=["random", "semantic"])
+  p.add_argument(
+    "--semantic-c", type=int, default=100, help="largest leaf of the semantic ids (DSI's c)"
+  )
   p.add_argument("--beams", type=int_list, default=None, help="beam counts (default 10,20,100)")
   p.add_argument("--batches", type=int_list, default=[1, 64])
   p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
@@ -738,7 +711,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   report = start_report("bench_decode", args)
-  report["layouts"] = {k: LAYOUTS[k] for k in args.layouts}
+  report["layouts"] = {k: layout_text(k, args.semantic_c) for k in args.layouts}
   report["method"] = {
     "model": "synthetic tokens_to_logits: logits = table[position, last token] + "
     "bias[query], fixed random (isolates the decoder's cost)",
@@ -786,6 +759,7 @@ def main(argv=None) -> int:
       [
         ("ids", "layout"),
         ("N", "n"),
+        ("vocab", "vocab"),
         ("trie nodes", "num_nodes"),
         ("max id length", "max_length"),
         ("trie bytes", "trie_bytes"),

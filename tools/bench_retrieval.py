@@ -34,6 +34,7 @@ CPU cores) or without `--quick` for N = 1k ... 1M. Writes `DIR/bench_retrieval.j
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -95,15 +96,19 @@ def unit_table(n: int, width: int, seed: int) -> jax.Array:
 
 
 def bovw_images(n: int, seed: int) -> tuple[np.ndarray, str]:
-  """`n` Fashion-MNIST test images (uint8 28x28), or random ones where it is not installed."""
+  """`n` Fashion-MNIST images (uint8 28x28: test, then train), or random ones without it."""
   try:
     from dsi_jax.data.fashion_mnist import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test")
     if n <= len(images):
-      return images[:n], "fashion_mnist_test"
+      return images[:n], "fashion_mnist test"
+    train, _ = load_fashion_mnist("train")
+    images = np.concatenate([images, train])
+    if n <= len(images):
+      return images[:n], "fashion_mnist test, then train"
     reps = -(-n // len(images))
-    return np.concatenate([images] * reps)[:n], "fashion_mnist_test (repeated)"
+    return np.concatenate([images] * reps)[:n], "fashion_mnist test + train (repeated)"
   except Exception as e:  # noqa: BLE001 - any failure to load means "not available"
     print(f"Fashion-MNIST not available ({e}); BoVW on random images")
     rng = np.random.default_rng(seed)
@@ -127,10 +132,7 @@ def bench_n(n: int, args, report: dict) -> list[dict[str, Any]]:
   rows = []
   for batch in args.batches:
     images = query_images(batch, args.seed + batch)
-
-    def predict(params, images):
-      return model.predict_batch(params, images, num_beams=args.beams)
-
+    predict = functools.partial(model.predict_batch, num_beams=args.beams)
     kw = {"repeats": args.repeats, "min_time": args.min_time}
     t_dsi = time_call(predict, params, images, **kw)
     t_knn = time_call(knn, params, images, table, **kw)
@@ -160,7 +162,6 @@ def bench_n(n: int, args, report: dict) -> list[dict[str, Any]]:
       "knn_table_bytes": int(table.nbytes),
     }
   )
-  del model, table
   return rows
 
 

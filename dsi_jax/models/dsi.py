@@ -24,16 +24,29 @@ Params = Mapping[str, Any]
 
 
 class DSINetwork(nn.Module):
-  """`encode(inputs) -> (encoded, aux)`; `decode(encoded, tokens) -> logits`."""
+  """`encode(inputs) -> (encoded, aux)`; `decode(encoded, tokens) -> logits`.
+
+  For token inputs (`pad_id` set), `encoded` is `{"encoded": [b, len, d], "mask": [b, len]}` so
+  that the decoder never attends to padding; for images it is the `[b, patches, d]` array.
+  """
 
   encoder: nn.Module
   decoder: DocidDecoder
+  pad_id: int | None = None  # token inputs: the padding id of the input vocabulary
 
   def encode(self, inputs, *, train: bool = False):
-    return self.encoder(inputs, train=train)
+    encoded, aux = self.encoder(inputs, train=train)
+    if self.pad_id is not None:
+      encoded = {"encoded": encoded, "mask": inputs != self.pad_id}
+    return encoded, aux
 
   def decode(self, encoded, decoder_input_tokens, *, train: bool = False, decode: bool = False):
-    return self.decoder(encoded, decoder_input_tokens, train=train, decode=decode)
+    mask = None
+    if isinstance(encoded, Mapping):
+      encoded, mask = encoded["encoded"], encoded["mask"]
+    return self.decoder(
+      encoded, decoder_input_tokens, encoder_mask=mask, train=train, decode=decode
+    )
 
   def __call__(self, inputs, decoder_input_tokens, *, train: bool = False):
     encoded, _ = self.encode(inputs, train=train)
@@ -80,6 +93,39 @@ def make_vit_dsi(
   return DSINetwork(encoder=encoder, decoder=decoder)
 
 
+def make_minilm_dsi(
+  docids: docids_lib.DocidMap,
+  *,
+  path: str | None = None,
+  decoder_depth: int = 3,
+  decoder_mlp_dim: int = 1536,
+  num_heads: int = 12,
+  dropout: float = 0.1,
+  dtype: Any = jnp.float32,
+):
+  """Text DSI on the borrowed all-MiniLM-L6-v2 encoder: returns `(DSIModel, tokenizer)`.
+
+  The encoder starts from the real MiniLM weights (`dsi_jax.models.text.load_minilm`); the
+  docid decoder (width 384, cross-attending to the unpadded word pieces) starts fresh.
+  """
+  from dsi_jax.models import text
+
+  encoder, encoder_params, tokenizer = text.load_minilm(path)
+  cfg = encoder.config
+  decoder = DocidDecoder(
+    vocab_size=docids.vocab_size,
+    max_length=docids.max_length,
+    width=cfg.hidden,
+    depth=decoder_depth,
+    mlp_dim=decoder_mlp_dim,
+    num_heads=num_heads,
+    dropout=dropout,
+    dtype=dtype,
+  )
+  network = DSINetwork(encoder=encoder, decoder=decoder, pad_id=cfg.pad_token_id)
+  return DSIModel(network, docids, pretrained={"encoder": encoder_params}), tokenizer
+
+
 def shift_right(targets: jax.Array) -> jax.Array:
   """Decoder inputs `[..., length]`: pad, then the targets without their last position."""
   pad = [(0, 0)] * (targets.ndim - 1) + [(1, 0)]
@@ -102,10 +148,24 @@ class DSIModel:
   """
 
   def __init__(
-    self, network: DSINetwork, docids: docids_lib.DocidMap, *, exact_max_ids: int = 4096
+    self,
+    network: DSINetwork,
+    docids: docids_lib.DocidMap,
+    *,
+    exact_max_ids: int = 4096,
+    pretrained: Mapping[str, Any] | None = None,
   ):
+    """Args:
+    network: the encoder-decoder.
+    docids: the ids it decodes.
+    exact_max_ids: up to this many ids, `rank(method="auto")` scores every id exactly.
+    pretrained: parameter subtrees that replace freshly initialised ones in `init`, e.g.
+      `{"encoder": minilm_params}` (shapes must match).
+    """
     self.network = network
     self.docids = docids
+    self.pretrained = dict(pretrained or {})
+    self.input_dtype = jnp.int32 if network.pad_id is not None else jnp.float32
     self.trie = trie_lib.build_trie(docids)
     self.all_targets = jnp.asarray(docids.targets())  # [num_ids, max_length]
     self.exact_max_ids = exact_max_ids
@@ -114,10 +174,17 @@ class DSIModel:
     self._score = jax.jit(self._score_impl)
 
   # -- parameters ------------------------------------------------------------------------
-  def init(self, rng: jax.Array, input_shape: tuple[int, ...], input_dtype=jnp.float32) -> Params:
-    inputs = jnp.zeros((1, *input_shape[1:]), input_dtype)
+  def init(self, rng: jax.Array, input_shape: tuple[int, ...], input_dtype=None) -> Params:
+    inputs = jnp.zeros((1, *input_shape[1:]), input_dtype or self.input_dtype)
     tokens = jnp.zeros((1, self.docids.max_length), jnp.int32)
-    return jax.jit(lambda r: self.network.init(r, inputs, tokens)["params"])(rng)
+    params = jax.jit(lambda r: self.network.init(r, inputs, tokens)["params"])(rng)
+    for name, subtree in self.pretrained.items():
+      fresh = jax.tree_util.tree_map(jnp.shape, params[name])
+      given = jax.tree_util.tree_map(jnp.shape, subtree)
+      if fresh != given:
+        raise ValueError(f"pretrained {name!r} parameters do not fit the network's {name}")
+      params = {**params, name: jax.tree_util.tree_map(jnp.asarray, subtree)}
+    return params
 
   # -- the model contract ------------------------------------------------------------------
   def loss_fn(self, params: Params, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None):
@@ -202,8 +269,8 @@ class DSIModel:
     return jnp.sum(token_log_likelihood(logits, targets), axis=-1)
 
   def _score_all_impl(self, params, inputs, *, chunk: int):
-    encoded = self._encode(params, inputs)  # [b, patches, d]
-    b = encoded.shape[0]
+    encoded = self._encode(params, inputs)  # [b, patches, d] (or a dict with its mask)
+    b = inputs.shape[0]
     n = self.all_targets.shape[0]
     padded = -(-n // chunk) * chunk
     targets = jnp.pad(self.all_targets, ((0, padded - n), (0, 0)), constant_values=docids_lib.EOS)
@@ -221,7 +288,7 @@ class DSIModel:
 
   def _predict_impl(self, params, inputs, *, num_beams: int):
     encoded = self._encode(params, inputs)  # [b, patches, d], shared by the beams
-    b = encoded.shape[0]
+    b = inputs.shape[0]
     decode = functools.partial(
       self.network.apply, method=DSINetwork.decode, decode=True, mutable=["cache"]
     )

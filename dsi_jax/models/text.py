@@ -378,9 +378,14 @@ def load_hf_weights(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: file not found")
   try:
-    return load_file(path)
+    tensors = load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise ValueError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+  # Checkpoints stored in half precision compute in float32.
+  return {
+    k: v.astype(np.float32) if v.dtype.kind == "f" and v.dtype.itemsize < 4 else v
+    for k, v in tensors.items()
+  }
 
 
 def load_tokenizer(path: str, max_length: int = DEFAULT_MAX_LENGTH):

@@ -1,0 +1,180 @@
+"""Text DSI on SQuAD v1.1 dev (the original DSI setting): paragraphs -> ids, questions -> ids.
+
+The corpus is the `dsi_jax_squad_<ids>` SeqIO task (2,067 paragraphs; each paragraph's questions
+split 0.8 / 0.1 / 0.1). Indexing examples are the first 64 MiniLM word pieces of each paragraph;
+retrieval examples are the questions. The model is the borrowed all-MiniLM-L6-v2 encoder with a
+fresh docid decoder (`make_minilm_dsi`), trained by `train_dsi` (indexing, then retrieval mixed
+with indexing). Baselines on the same test questions: BM25 and the zero-shot MiniLM dual
+encoder (cosine of mean-pooled embeddings).
+
+`export` writes the arrays a run needs (`arrays.npz` + `docids.json`), read through the tasks;
+`run` trains from such a folder, so training can happen on a machine with JAX but without the
+data stack (TensorFlow, SeqIO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from dsi_jax import docids as docids_lib
+from dsi_jax import metrics as metrics_lib
+from dsi_jax import train as train_lib
+
+TEXT_LENGTH = 64
+SCHEMES = ("atomic", "naive", "random", "semantic", "rq")
+SPLITS = ("train", "val", "test")
+
+
+def export(scheme: str, out_dir: str, *, text_length: int = TEXT_LENGTH) -> str:
+  """Reads the SQuAD tasks of `scheme` and saves their arrays in `out_dir`; returns it."""
+  from dsi_jax import tasks
+
+  name = f"dsi_jax_squad_{scheme}"
+  data, docids = tasks.retrieval_data(name, text_length=text_length)
+  corpus = tasks.corpus_data(name)
+  os.makedirs(out_dir, exist_ok=True)
+  arrays = {"index_inputs": data.index_inputs}
+  for split in SPLITS:
+    relevant = getattr(data, f"{split}_relevant")
+    arrays[f"{split}_inputs"] = getattr(data, f"{split}_inputs")
+    arrays[f"{split}_relevant"] = np.concatenate(relevant).astype(np.int32)
+    arrays[f"{split}_relevant_counts"] = np.asarray([len(r) for r in relevant], np.int32)
+  np.savez_compressed(os.path.join(out_dir, "arrays.npz"), **arrays)
+  docids.save(os.path.join(out_dir, "docids.json"))
+  with open(os.path.join(out_dir, "texts.json"), "w") as f:  # for the baselines
+    json.dump(
+      {
+        "documents": [corpus.texts[k] for k in corpus.corpus.indexed],
+        "test_questions": [q.text for q in corpus.corpus.split("test")],
+      },
+      f,
+    )
+  return out_dir
+
+
+def load_arrays(folder: str) -> tuple[train_lib.RetrievalData, docids_lib.DocidMap]:
+  """The arrays and ids written by `export` (plain .npz and JSON; no pickle)."""
+  with np.load(os.path.join(folder, "arrays.npz"), allow_pickle=False) as z:
+    fields = {"index_inputs": z["index_inputs"]}
+    for split in SPLITS:
+      counts = z[f"{split}_relevant_counts"]
+      fields[f"{split}_inputs"] = z[f"{split}_inputs"]
+      fields[f"{split}_relevant"] = np.split(z[f"{split}_relevant"], np.cumsum(counts)[:-1])
+  return train_lib.RetrievalData(**fields), docids_lib.DocidMap.load(
+    os.path.join(folder, "docids.json")
+  )
+
+
+def run(
+  folder: str,
+  workdir: str | None = None,
+  *,
+  config: train_lib.TrainConfig | None = None,
+  minilm_path: str | None = None,
+  show_progress: bool = True,
+  max_eval_queries: int | None = None,
+) -> list[dict[str, Any]]:
+  """Trains MiniLM-DSI on an exported folder; returns result rows (zero-shot and fine-tuned).
+
+  `max_eval_queries` keeps only the first validation and test questions (smoke runs).
+  """
+  from dsi_jax.models import dsi
+
+  data, docids = load_arrays(folder)
+  if max_eval_queries is not None:
+    for split in ("val", "test"):
+      setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs")[:max_eval_queries])
+      setattr(data, f"{split}_relevant", getattr(data, f"{split}_relevant")[:max_eval_queries])
+  model, _ = dsi.make_minilm_dsi(docids, path=minilm_path)
+  config = config or train_lib.TrainConfig()
+  t0 = time.time()
+  result = train_lib.train_dsi(
+    model, data, config=config, workdir=workdir, show_progress=show_progress
+  )
+  rows = []
+  for setting in ("zero_shot", "fine_tuned"):
+    t = result[setting]["test"]
+    rows.append(
+      {
+        "model": "minilm_dsi",
+        "setting": setting,
+        "dataset": "squad_v1.1_dev",
+        "db_size": len(docids),
+        "ids": docids.scheme,
+        "num_queries": len(data.test_inputs),
+        "ia@1": t["ia@1"],
+        "ia@5": t["ia@5"],
+        **{m: t[f"test/{m}"] for m in ("hits@1", "hits@10", "mrr@10")},
+        "steps": result[setting]["steps"],
+        "seconds": round(result[setting]["seconds"], 1),
+      }
+    )
+  rows[-1]["total_seconds"] = round(time.time() - t0, 1)
+  return rows
+
+
+def baseline_rows(folder: str, *, minilm_path: str | None = None) -> list[dict[str, Any]]:
+  """BM25 and the zero-shot MiniLM dual encoder on the exported test questions."""
+  from dsi_jax.baselines.bm25 import BM25
+  from dsi_jax.models import text
+
+  data, docids = load_arrays(folder)
+  with open(os.path.join(folder, "texts.json")) as f:
+    texts = json.load(f)
+  keys = list(docids.keys)
+  relevant = [{keys[i] for i in r} for r in data.test_relevant]
+  rows = []
+  t0 = time.time()
+  ranked, _ = BM25(texts["documents"], keys).search(texts["test_questions"], 10)
+  rows.append(("bm25", ranked, time.time() - t0))
+  t0 = time.time()
+  model, params, tokenizer = text.load_minilm(minilm_path)
+  docs = text.embed_texts(model, params, tokenizer, texts["documents"])
+  questions = text.embed_texts(model, params, tokenizer, texts["test_questions"])
+  order = np.argsort(-(questions @ docs.T), axis=1, kind="stable")[:, :10]
+  rows.append(("minilm_dual_encoder", [[keys[j] for j in row] for row in order], time.time() - t0))
+  out = []
+  for name, ranked, seconds in rows:
+    out.append(
+      {
+        "model": name,
+        "setting": "zero_shot",
+        "dataset": "squad_v1.1_dev",
+        "db_size": len(keys),
+        "ids": None,
+        "num_queries": len(relevant),
+        **metrics_lib.compute_metrics(ranked, relevant, ["hits@1", "hits@10", "mrr@10"]),
+        "seconds": round(seconds, 1),
+      }
+    )
+  return out
+
+
+def default_config(quick: bool = False) -> train_lib.TrainConfig:
+  """Two-phase training for the 2,067-paragraph corpus (smaller caps with `quick`)."""
+  if quick:
+    return train_lib.TrainConfig(
+      batch_size=16,
+      index_max_steps=20,
+      index_eval_every=10,
+      finetune_max_steps=10,
+      finetune_eval_every=10,
+      eval_batch_size=64,
+    )
+  return dataclasses.replace(
+    train_lib.TrainConfig(),
+    batch_size=64,
+    learning_rate=3e-4,
+    index_max_steps=6000,
+    index_eval_every=250,
+    finetune_max_steps=4000,
+    finetune_eval_every=250,
+    patience=4,
+    eval_batch_size=256,
+  )

@@ -1,0 +1,94 @@
+"""Text DSI on SQuAD v1.1 dev with every docid scheme, against BM25 and the MiniLM dual encoder.
+
+# 1. read the SeqIO tasks and save each scheme's arrays (needs the data stack):
+DSI_JAX_SQUAD_FILE=path/to/dev-v1.1.json python tools/squad_dsi.py export --out squad_data
+# 2. train (only JAX, Flax, optax, tokenizers and safetensors needed; a GPU helps):
+python tools/squad_dsi.py train --data squad_data --out squad_runs [--schemes semantic rq]
+# 3. baselines on the same test questions, then one table:
+python tools/squad_dsi.py baselines --data squad_data --out squad_runs
+python tools/squad_dsi.py table --out squad_runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("export", help="save each scheme's arrays, read through the SeqIO tasks")
+  p.add_argument("--out", required=True)
+  p.add_argument("--schemes", nargs="+", default=None)
+  p = sub.add_parser("train", help="train MiniLM-DSI for each scheme")
+  p.add_argument("--data", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--schemes", nargs="+", default=None)
+  p.add_argument("--minilm", default=None, help="MiniLM folder (default: the installed package)")
+  p.add_argument("--quick", action="store_true", help="a few steps only (a smoke run)")
+  p = sub.add_parser("baselines", help="BM25 and the zero-shot MiniLM dual encoder")
+  p.add_argument("--data", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--minilm", default=None)
+  p = sub.add_parser("table", help="merge the result files of --out into one table")
+  p.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+
+  from dsi_jax import squad
+
+  schemes = getattr(args, "schemes", None) or list(squad.SCHEMES)
+  if args.command == "export":
+    for scheme in schemes:
+      squad.export(scheme, os.path.join(args.out, scheme))
+      print(f"exported {scheme}")
+    return 0
+  os.makedirs(args.out, exist_ok=True)
+  if args.command == "train":
+    import jax
+
+    for scheme in schemes:
+      rows = squad.run(
+        os.path.join(args.data, scheme),
+        config=squad.default_config(args.quick),
+        minilm_path=args.minilm,
+        show_progress=False,
+        max_eval_queries=64 if args.quick else None,
+      )
+      for r in rows:
+        r["device"] = str(jax.devices()[0].device_kind)
+      _write(os.path.join(args.out, f"dsi_{scheme}.json"), rows)
+      print(json.dumps(rows), flush=True)
+    return 0
+  if args.command == "baselines":
+    rows = squad.baseline_rows(os.path.join(args.data, squad.SCHEMES[0]), minilm_path=args.minilm)
+    for r in rows:
+      r["device"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    _write(os.path.join(args.out, "baselines.json"), rows)
+    print(json.dumps(rows))
+    return 0
+  from dsi_jax import results
+
+  rows = []
+  for path in sorted(glob.glob(os.path.join(args.out, "*.json"))):
+    with open(path) as f:
+      rows.extend(json.load(f))
+  print(results.markdown_table(rows))
+  return 0
+
+
+def _write(path: str, rows) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(rows, f, indent=1)
+  os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -145,22 +145,9 @@ def run_seed(
     res = train_lib.train_dsi(
       model, data, config=tconf, workdir=workdir, show_progress=show_progress
     )
-    for setting in ("zero_shot", "fine_tuned"):
-      t = res[setting]["test"]
-      rows.append(
-        {
-          **common,
-          "model": "vit_dsi",
-          "setting": setting,
-          "ids": scheme,
-          "ia@1": t["ia@1"],
-          "ia@5": t["ia@5"],
-          "map@10": t["test/map@10"],
-          "recall@100": t["test/recall@100"],
-          "steps": res[setting]["steps"],
-          "seconds": round(res[setting]["seconds"], 1),
-        }
-      )
+    rows += train_lib.result_rows(
+      res, ("map@10", "recall@100"), **common, model="vit_dsi", ids=scheme
+    )
     histories[scheme] = {s: res[s]["history"] for s in ("zero_shot", "fine_tuned")}
   rows.extend(baseline_rows(task_name, config, common))
   return rows, histories
@@ -177,6 +164,10 @@ def run_demo(
 ) -> dict[str, Any]:
   """Runs the whole demo and writes `results.json`, `results.md` and `loss_curves.png`."""
   config = default_config(quick, num_images)
+  if not show_progress:
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
   os.makedirs(out_dir, exist_ok=True)
   t0 = time.time()
   all_rows, all_hist = [], {}

@@ -50,28 +50,16 @@ def run_experiment(
   result = train_lib.train_dsi(
     dsi.DSIModel(network, docids), data, config=config, workdir=workdir, finetune=finetune
   )
-  rows = []
-  for setting in ("zero_shot", "fine_tuned"):
-    if setting not in result:
-      continue
-    t = result[setting]["test"]
-    rows.append(
-      {
-        "model": "vit_dsi",
-        "setting": setting,
-        "dataset": "fashion_mnist",
-        "db_size": num_images,
-        "ids": ids,
-        "num_queries": len(corpus.split("test")),
-        "ia@1": t["ia@1"],
-        "ia@5": t["ia@5"],
-        "map@10": t["test/map@10"],
-        "recall@100": t["test/recall@100"],
-        "steps": result[setting]["steps"],
-        "seconds": round(result[setting]["seconds"], 1),
-        "seed": seed,
-      }
-    )
+  rows = train_lib.result_rows(
+    result,
+    ("map@10", "recall@100"),
+    model="vit_dsi",
+    dataset="fashion_mnist",
+    db_size=num_images,
+    ids=ids,
+    num_queries=len(corpus.split("test")),
+    seed=seed,
+  )
   report = {
     "rows": rows,
     "config": {

@@ -97,24 +97,15 @@ def run(
   result = train_lib.train_dsi(
     model, data, config=config, workdir=workdir, show_progress=show_progress
   )
-  rows = []
-  for setting in ("zero_shot", "fine_tuned"):
-    t = result[setting]["test"]
-    rows.append(
-      {
-        "model": "minilm_dsi",
-        "setting": setting,
-        "dataset": "squad_v1.1_dev",
-        "db_size": len(docids),
-        "ids": docids.scheme,
-        "num_queries": len(data.test_inputs),
-        "ia@1": t["ia@1"],
-        "ia@5": t["ia@5"],
-        **{m: t[f"test/{m}"] for m in ("hits@1", "hits@10", "mrr@10")},
-        "steps": result[setting]["steps"],
-        "seconds": round(result[setting]["seconds"], 1),
-      }
-    )
+  rows = train_lib.result_rows(
+    result,
+    ("hits@1", "hits@10", "mrr@10"),
+    model="minilm_dsi",
+    dataset="squad_v1.1_dev",
+    db_size=len(docids),
+    ids=docids.scheme,
+    num_queries=len(data.test_inputs),
+  )
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   return rows
 

@@ -283,6 +283,33 @@ def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig)
   return make_batch
 
 
+def result_rows(
+  result: dict[str, Any], metrics: Sequence[str], **common: Any
+) -> list[dict[str, Any]]:
+  """One results.json row per trained phase ("zero_shot", "fine_tuned") of `train_dsi`.
+
+  `metrics` are test metric names ("map@10", "hits@1", ...); IA@1 and IA@5 are always
+  included; `common` fields (model, dataset, ids, ...) go into every row.
+  """
+  rows = []
+  for setting in ("zero_shot", "fine_tuned"):
+    if setting not in result:
+      continue
+    test = result[setting]["test"]
+    rows.append(
+      {
+        **common,
+        "setting": setting,
+        "ia@1": test["ia@1"],
+        "ia@5": test["ia@5"],
+        **{m: test[f"test/{m}"] for m in metrics},
+        "steps": result[setting]["steps"],
+        "seconds": round(result[setting]["seconds"], 1),
+      }
+    )
+  return rows
+
+
 def save_checkpoint(directory: str, state: TrainState) -> None:
   """Saves `state` with an orbax CheckpointManager (atomic: temp dir, then rename)."""
   import orbax.checkpoint as ocp

@@ -13,6 +13,7 @@ command line (`dsi_jax.cli`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +29,11 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
+from dsi_jax import checkpoints as checkpoints_lib
 from dsi_jax import metrics as metrics_lib
+from dsi_jax import partitioning
+from dsi_jax import results as results_lib
+from dsi_jax.checkpoints import restore_params
 from dsi_jax.models import dsi
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,17 @@ class TrainConfig:
   ranking: str = "auto"  # retrieval metrics: "exact" | "beam" | "auto" (exact up to 4096 ids)
   ia_beams: int = 10  # beams of the constrained search that IA@1 / IA@5 are measured with
   seed: int = 0
+  # Device mesh (data, fsdp, model); one of them may be -1 ("all the remaining devices").
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+  mesh_model: int = 1
+  # Checkpoints: every `checkpoint_every` steps of a phase (0: only when a phase ends), keeping
+  # the latest `max_to_keep`. A rerun of the same run in the same workdir resumes from them.
+  checkpoint_every: int = 0
+  max_to_keep: int = 2
+
+  def make_mesh(self) -> jax.sharding.Mesh:
+    return partitioning.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_model)
 
 
 @dataclasses.dataclass
@@ -90,15 +106,21 @@ def epoch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
   return np.asarray(out)
 
 
-def make_train_step(model: dsi.DSIModel):
-  @jax.jit
+def make_train_step(model: dsi.DSIModel, state_shardings, mesh: jax.sharding.Mesh):
+  """One jitted update; the state keeps `state_shardings`, the batch is split on `batch`."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
   def train_step(state: TrainState, batch, rng):
     dropout_rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
     (_, aux), grads = grad_fn(state.params, batch, dropout_rng)
     return state.apply_gradients(grads=grads), aux
 
-  return train_step
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated),
+    out_shardings=(state_shardings, replicated),
+  )
 
 
 def rank_items(
@@ -194,30 +216,51 @@ def run_phase(
   patience: int,
   min_steps: int = 0,
   rng: jax.Array,
+  mesh: jax.sharding.Mesh,
+  checkpoints: checkpoints_lib.PhaseCheckpoints | None = None,
   writer=None,
   show_progress: bool = True,
 ) -> PhaseResult:
-  """A plain loop: step, log, evaluate every `eval_every`, keep the best params."""
-  train_step = make_train_step(model)
-  history: list[dict[str, float]] = []
-  best_value, best_params, best_eval, since_best = -np.inf, state.params, {}, 0
-  start_step = int(state.step)
-  t0 = time.time()
+  """A plain loop: step, log, evaluate every `eval_every`, keep the best params, checkpoint.
+
+  `make_batch(i)` gives this host's rows of the phase's batch `i`. With `checkpoints`, the
+  phase resumes from its latest checkpoint (a finished phase returns at once).
+  """
+  state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  train_step = make_train_step(model, state_shardings, mesh)
+  progress = checkpoints_lib.Progress(rng=np.asarray(jax.random.key_data(rng)).tolist())
+  best_params = None
+  if checkpoints is not None:
+    restored = checkpoints.restore(state, state.params if select_key else None)
+    if restored is not None:
+      state, best_params, progress = restored
+      rng = jnp.asarray(progress.rng, jnp.uint32)
+  history = progress.history
+  t0 = time.time() - progress.seconds
   bar = tqdm(
-    total=num_steps, desc=phase, leave=False, disable=not show_progress, dynamic_ncols=True
+    total=num_steps,
+    initial=progress.phase_step,
+    desc=phase,
+    leave=False,
+    disable=not show_progress or progress.done,
+    dynamic_ncols=True,
   )
-  losses = []
-  for i in range(num_steps):
-    batch = make_batch(i)
-    state, aux = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()}, rng)
+  losses: list[jax.Array] = []
+  for i in range(num_steps if progress.done else progress.phase_step, num_steps):
+    batch = partitioning.global_batch(make_batch(i), mesh)
+    with partitioning.axis_rules(mesh):
+      state, aux = train_step(state, batch, rng)
     losses.append(aux["loss"])
     bar.update(1)
-    last = i + 1 == num_steps
-    if (i + 1) % eval_every == 0 or last:
-      train_loss = float(np.mean(jax.device_get(losses)))
-      losses = []
+    progress.phase_step = n = i + 1
+    stop = False
+    if n % eval_every == 0 or n == num_steps:
+      progress.loss_sum += float(np.sum(jax.device_get(losses)))
+      progress.loss_count += len(losses)
+      train_loss = progress.loss_sum / progress.loss_count
+      losses, progress.loss_sum, progress.loss_count = [], 0.0, 0
       ev = evaluate_fn(state.params)
-      row = {"phase_step": i + 1, "step": int(state.step), "train/loss": train_loss, **ev}
+      row = {"phase_step": n, "step": int(state.step), "train/loss": train_loss, **ev}
       history.append(row)
       bar.set_postfix(
         {k: round(v, 3) for k, v in row.items() if k in ("train/loss", "ia@1", "val/map@10")}
@@ -227,58 +270,79 @@ def run_phase(
           int(state.step), {f"{phase}/{k}": v for k, v in row.items() if k != "step"}
         )
       if select_key is not None:
-        if ev[select_key] > best_value:
-          best_value, best_params, best_eval, since_best = ev[select_key], state.params, ev, 0
+        if progress.best_value is None or ev[select_key] > progress.best_value:
+          best_params, progress.best_value, progress.best_eval = state.params, ev[select_key], ev
+          progress.since_best = 0
         else:
-          since_best += 1
-        if since_best >= patience and i + 1 >= min_steps:
-          break
-      if i + 1 >= min_steps and stop_fn(history):
-        break
+          progress.since_best += 1
+        stop = progress.since_best >= patience and n >= min_steps
+      stop = stop or (n >= min_steps and stop_fn(history))
+    if stop or n == num_steps:
+      break
+    if checkpoints is not None and checkpoints.due(n):
+      progress.loss_sum += float(np.sum(jax.device_get(losses)))
+      progress.loss_count += len(losses)
+      losses = []
+      progress.seconds = time.time() - t0
+      checkpoints.save(state, best_params, progress)
   bar.close()
-  if select_key is not None:
-    state = state.replace(params=best_params)
-  else:
-    best_eval = history[-1] if history else {}
-  return PhaseResult(state, history, int(state.step) - start_step, time.time() - t0, best_eval)
+  if not progress.done:
+    progress.done, progress.seconds = True, time.time() - t0
+    if select_key is not None and best_params is not None:
+      state = state.replace(params=best_params)
+    if checkpoints is not None:
+      checkpoints.save(state, best_params, progress)
+  best_eval = progress.best_eval if select_key is not None else (history[-1] if history else {})
+  return PhaseResult(state, history, progress.phase_step, progress.seconds, best_eval)
 
 
-def create_state(model: dsi.DSIModel, input_shape, config: TrainConfig, rng) -> TrainState:
-  params = model.init(rng, input_shape)
+def create_state(
+  model: dsi.DSIModel, input_shape, config: TrainConfig, rng, mesh: jax.sharding.Mesh
+) -> TrainState:
+  """The initial train state, created directly in its shardings on `mesh`."""
   tx = dsi.make_optimizer(
     config.learning_rate, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay
   )
-  return TrainState.create(apply_fn=None, params=params, tx=tx)
+
+  def make_state(params):
+    return TrainState.create(apply_fn=None, params=params, tx=tx)
+
+  abstract = jax.eval_shape(lambda r: model.init(r, input_shape), rng)
+  params = model.init(rng, input_shape, out_shardings=partitioning.shardings(abstract, mesh))
+  state_shardings = partitioning.shardings(jax.eval_shape(make_state, params), mesh)
+  return jax.jit(make_state, out_shardings=state_shardings)(params)
 
 
-def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig):
+def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, rows: slice):
+  """Batch `step` of indexing examples; `rows`: this host's share of the global batch."""
   n = len(data.index_inputs)
 
   def make_batch(step: int) -> dict:
-    rows = epoch_indices(n, config.batch_size, step, config.seed)
-    return {"inputs": data.index_inputs[rows], "targets": targets[rows]}
+    idx = epoch_indices(n, config.batch_size, step, config.seed)[rows]
+    return {"inputs": data.index_inputs[idx], "targets": targets[idx]}
 
   return make_batch
 
 
-def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig):
-  """Batches of query -> random relevant id, mixed with indexing examples."""
+def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, rows: slice):
+  """Batches of query -> random relevant id, mixed with indexing examples (`rows`: this
+  host's share)."""
   n_ret = int(round(config.batch_size * config.retrieval_ratio / (1.0 + config.retrieval_ratio)))
   n_ret = min(max(n_ret, 1), config.batch_size)
   n_idx = config.batch_size - n_ret
   nq, n = len(data.train_inputs), len(data.index_inputs)
 
   def make_batch(step: int) -> dict:
+    # The global batch is [retrieval examples, indexing examples]; a host reads its rows only.
     q = epoch_indices(nq, n_ret, step, config.seed + 1)
     rng = np.random.default_rng([config.seed, 7, step])
     # Spread the targets over all relevant ids: a fresh relevant id each time.
     rel = np.array([data.train_relevant[j][rng.integers(len(data.train_relevant[j]))] for j in q])
-    inputs, tgts = [data.train_inputs[q]], [targets[rel]]
-    if n_idx:
-      rows = epoch_indices(n, n_idx, step, config.seed + 2)
-      inputs.append(data.index_inputs[rows])
-      tgts.append(targets[rows])
-    return {"inputs": np.concatenate(inputs), "targets": np.concatenate(tgts)}
+    idx = epoch_indices(n, n_idx, step, config.seed + 2) if n_idx else np.zeros(0, int)
+    is_query = (np.arange(config.batch_size) < n_ret)[rows]
+    row, tgt = np.concatenate([q, idx])[rows], np.concatenate([rel, idx])[rows]
+    inputs = np.concatenate([data.train_inputs[row[is_query]], data.index_inputs[row[~is_query]]])
+    return {"inputs": inputs, "targets": targets[tgt]}
 
   return make_batch
 
@@ -310,29 +374,43 @@ def result_rows(
   return rows
 
 
-def save_checkpoint(directory: str, state: TrainState) -> None:
-  """Saves `state` with an orbax CheckpointManager (atomic: temp dir, then rename)."""
-  import orbax.checkpoint as ocp
+def run_fingerprint(model: dsi.DSIModel, input_shape, config: TrainConfig, finetune: bool) -> dict:
+  """What makes two runs the same run (so a rerun resumes rather than starts over).
 
-  with ocp.CheckpointManager(
-    os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  ) as manager:
-    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+  The mesh is left out on purpose: a run preempted on one mesh may resume on another.
+  """
+  settings = dataclasses.asdict(config)
+  for name in ("mesh_data", "mesh_fsdp", "mesh_model", "checkpoint_every", "max_to_keep"):
+    settings.pop(name)
+  ids = json.dumps(model.docids.to_json(), sort_keys=True).encode()
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_shape))
+  return {
+    "train_config": settings,
+    "finetune": finetune,
+    "docids_sha256": hashlib.sha256(ids).hexdigest(),
+    "params": {
+      partitioning.path_string(p): list(x.shape)
+      for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]
+    },
+  }
 
 
-def restore_params(directory: str, template_params) -> Any:
-  """Params of the latest checkpoint under `directory`, shaped like `template_params`."""
-  import orbax.checkpoint as ocp
-
-  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint found")
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-  return jax.tree_util.tree_map(
-    lambda t, r: jnp.asarray(r, t.dtype), template_params, restored["params"]
-  )
+def _prepare_workdir(workdir: str, fingerprint: dict) -> bool:
+  """Keeps an earlier run's checkpoints if it was this same run (returns True: resume);
+  otherwise removes its checkpoints and curves so that they always belong to this run."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "run.json")
+  same = False
+  if os.path.exists(path):
+    with open(path) as f:
+      same = json.load(f) == json.loads(json.dumps(fingerprint))
+  if not same:
+    for stale in ("checkpoints", "tensorboard"):
+      if os.path.isdir(os.path.join(workdir, stale)):
+        log.info("Replacing %s from a different earlier run in %s", stale, workdir)
+        shutil.rmtree(os.path.join(workdir, stale))
+    results_lib.write_json(fingerprint, path)
+  return same
 
 
 def train_dsi(
@@ -343,31 +421,43 @@ def train_dsi(
   workdir: str | None = None,
   finetune: bool = True,
   show_progress: bool = True,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
   """Runs indexing then (if `finetune`) retrieval fine-tuning; returns both phases' results.
 
   Returns a dict with "zero_shot" and "fine_tuned" entries, each holding test metrics,
   steps, seconds and the training history, and the params of each phase.
+
+  Training runs on `mesh` (default: `config`'s mesh shape over all devices). With a
+  `workdir`, each phase checkpoints into `workdir/checkpoints/{zero_shot,fine_tuned}`; running
+  the same run again in the same workdir (same config, ids and model) resumes where the
+  previous process stopped, a finished phase is not trained again, and a different run
+  replaces the earlier one's checkpoints.
   """
+  mesh = mesh or config.make_mesh()
+  rows = partitioning.host_rows(config.batch_size, mesh)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  state = create_state(model, data.index_inputs.shape, config, init_rng)
+  state = create_state(model, data.index_inputs.shape, config, init_rng, mesh)
   targets = model.docids.targets()
   writer = None
+  phase_checkpoints: dict[str, checkpoints_lib.PhaseCheckpoints] = {}
   if workdir:
     from clu import metric_writers
 
-    os.makedirs(workdir, exist_ok=True)
-    # A fresh run replaces an earlier run's checkpoints and curves in the same workdir, so
-    # "latest checkpoint" and the TensorBoard curves always belong to this run.
-    for stale in ("checkpoints", "tensorboard"):
-      if os.path.isdir(os.path.join(workdir, stale)):
-        log.info("Replacing %s from an earlier run in %s", stale, workdir)
-        shutil.rmtree(os.path.join(workdir, stale))
+    fingerprint = run_fingerprint(model, data.index_inputs.shape, config, finetune)
+    if _prepare_workdir(workdir, fingerprint):
+      log.info("Resuming the run in %s", workdir)
     model.docids.save(os.path.join(workdir, "docids.json"))
     writer = metric_writers.create_default_writer(
       os.path.join(workdir, "tensorboard"), asynchronous=False
     )
+    for name in ("zero_shot", "fine_tuned"):
+      phase_checkpoints[name] = checkpoints_lib.PhaseCheckpoints(
+        os.path.join(workdir, "checkpoints", name),
+        every=config.checkpoint_every,
+        max_to_keep=config.max_to_keep,
+      )
 
   def eval_index_phase(params):
     return evaluate(model, params, data, config=config, splits=("val",), index=True)
@@ -375,64 +465,68 @@ def train_dsi(
   def reached_target(history):
     return history[-1]["ia@1"] >= config.index_target_accuracy
 
-  index = run_phase(
-    model,
-    state,
-    phase="indexing",
-    make_batch=index_batches(data, targets, config),
-    num_steps=config.index_max_steps,
-    eval_every=config.index_eval_every,
-    evaluate_fn=eval_index_phase,
-    stop_fn=reached_target,
-    select_key=None,
-    patience=0,
-    min_steps=config.index_min_steps,
-    rng=dropout_rng,
-    writer=writer,
-    show_progress=show_progress,
-  )
-  if index.history and index.history[-1]["ia@1"] < config.index_target_accuracy:
-    log.warning(
-      "indexing stopped at its cap of %d steps with IA@1 %.3f < %.2f",
-      config.index_max_steps,
-      index.history[-1]["ia@1"],
-      config.index_target_accuracy,
-    )
-  results: dict[str, Any] = {}
-  test = evaluate(model, index.state.params, data, config=config, splits=("test",), index=True)
-  results["zero_shot"] = _phase_summary(index, test)
-  if workdir:
-    save_checkpoint(os.path.join(workdir, "checkpoints", "zero_shot"), index.state)
-  if finetune:
-    ft = run_phase(
+  try:
+    index = run_phase(
       model,
-      index.state,
-      phase="retrieval",
-      make_batch=mixed_batches(data, targets, config),
-      num_steps=config.finetune_max_steps,
-      eval_every=config.finetune_eval_every,
-      evaluate_fn=lambda p: evaluate(model, p, data, config=config, splits=("val",), index=True),
-      stop_fn=lambda h: False,
-      select_key="val/map@10",
-      patience=config.patience,
-      rng=jax.random.fold_in(dropout_rng, 1),
+      state,
+      phase="indexing",
+      make_batch=index_batches(data, targets, config, rows),
+      num_steps=config.index_max_steps,
+      eval_every=config.index_eval_every,
+      evaluate_fn=eval_index_phase,
+      stop_fn=reached_target,
+      select_key=None,
+      patience=0,
+      min_steps=config.index_min_steps,
+      rng=dropout_rng,
+      mesh=mesh,
+      checkpoints=phase_checkpoints.get("zero_shot"),
       writer=writer,
       show_progress=show_progress,
     )
-    test = evaluate(model, ft.state.params, data, config=config, splits=("test",), index=True)
-    results["fine_tuned"] = _phase_summary(ft, test)
-    if workdir:
-      save_checkpoint(os.path.join(workdir, "checkpoints", "fine_tuned"), ft.state)
-    results["fine_tuned_params"] = ft.state.params
-  results["zero_shot_params"] = index.state.params
-  if writer is not None:
-    writer.flush()
-    writer.close()
-  if workdir:
-    with open(os.path.join(workdir, "history.json"), "w") as f:
-      json.dump(
-        {k: v["history"] for k, v in results.items() if isinstance(v, dict) and "history" in v}, f
+    if index.history and index.history[-1]["ia@1"] < config.index_target_accuracy:
+      log.warning(
+        "indexing stopped at its cap of %d steps with IA@1 %.3f < %.2f",
+        config.index_max_steps,
+        index.history[-1]["ia@1"],
+        config.index_target_accuracy,
       )
+    results: dict[str, Any] = {}
+    test = evaluate(model, index.state.params, data, config=config, splits=("test",), index=True)
+    results["zero_shot"] = _phase_summary(index, test)
+    if finetune:
+      ft = run_phase(
+        model,
+        index.state,
+        phase="retrieval",
+        make_batch=mixed_batches(data, targets, config, rows),
+        num_steps=config.finetune_max_steps,
+        eval_every=config.finetune_eval_every,
+        evaluate_fn=lambda p: evaluate(model, p, data, config=config, splits=("val",)),
+        stop_fn=lambda h: False,
+        select_key="val/map@10",
+        patience=config.patience,
+        rng=jax.random.fold_in(dropout_rng, 1),
+        mesh=mesh,
+        checkpoints=phase_checkpoints.get("fine_tuned"),
+        writer=writer,
+        show_progress=show_progress,
+      )
+      test = evaluate(model, ft.state.params, data, config=config, splits=("test",), index=True)
+      results["fine_tuned"] = _phase_summary(ft, test)
+      results["fine_tuned_params"] = ft.state.params
+    results["zero_shot_params"] = index.state.params
+  finally:
+    for manager in phase_checkpoints.values():
+      manager.close()
+    if writer is not None:
+      writer.flush()
+      writer.close()
+  if workdir:
+    results_lib.write_json(
+      {k: v["history"] for k, v in results.items() if isinstance(v, dict) and "history" in v},
+      os.path.join(workdir, "history.json"),
+    )
   return results
 
 
@@ -458,6 +552,5 @@ __all__ = [
   "optax",
   "rank_items",
   "restore_params",
-  "save_checkpoint",
   "train_dsi",
 ]

@@ -103,9 +103,13 @@ def test_gin_train_command_runs_an_experiment(tmp_path):
     "--gin_bindings=dsi_jax.TrainConfig.finetune_eval_every=2",
   ]
   assert cli.main(argv) == 0
-  # The same command again in the same workdir replaces the first run's checkpoints.
+  first = json.loads((workdir / "results.json").read_text())
+  # The same command again in the same workdir resumes: both phases are done, nothing retrains.
   assert cli.main(argv) == 0
+  assert json.loads((workdir / "results.json").read_text())["rows"] == first["rows"]
+  # A different run in the same workdir replaces the earlier run's checkpoints.
+  assert cli.main([*argv, "--gin_bindings=dsi_jax.TrainConfig.index_max_steps=6"]) == 0
   report = json.loads((workdir / "results.json").read_text())
   assert [r["setting"] for r in report["rows"]] == ["zero_shot", "fine_tuned"]
   assert report["rows"][0]["db_size"] == 40 and report["config"]["model"]["width"] == 32
-  assert report["rows"][0]["steps"] == 4
+  assert report["rows"][0]["steps"] == 6

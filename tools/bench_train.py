@@ -66,6 +66,7 @@ from bench_decode import (  # noqa: E402
 )
 
 from dsi_jax import docids as docids_lib  # noqa: E402
+from dsi_jax import partitioning  # noqa: E402
 from dsi_jax import train as train_lib  # noqa: E402
 from dsi_jax.models import dsi  # noqa: E402
 
@@ -177,13 +178,15 @@ def bench_config(name: str, dtype_name: str, batch: int, args) -> dict[str, Any]
   rng = jax.random.PRNGKey(args.seed)
   shape = (batch, image_size, image_size, 3)
   config = train_lib.TrainConfig(batch_size=batch)
-  state = train_lib.create_state(model, shape, config, rng)
+  mesh = config.make_mesh()  # data parallelism over every local device
+  state = train_lib.create_state(model, shape, config, rng, mesh)
   rows = np.random.default_rng(args.seed).integers(0, len(docids), size=batch)
   data = {
     "inputs": jax.random.normal(jax.random.fold_in(rng, 1), shape, jnp.float32),
     "targets": jnp.asarray(docids.targets()[rows]),
   }
-  step = train_lib.make_train_step(model)
+  data = jax.device_put(data, partitioning.batch_sharding(mesh))
+  step = train_lib.make_train_step(model, jax.tree_util.tree_map(lambda x: x.sharding, state), mesh)
   t0 = time.perf_counter()
   lowered = step.lower(state, data, rng)
   compiled = lowered.compile()

@@ -14,6 +14,9 @@ import jax.numpy as jnp
 
 from dsi_jax.models.vit import MlpBlock
 
+# Logical axes of the decoder's hidden states (`dsi_jax.partitioning` maps them to the mesh).
+ACTIVATION_AXES = ("batch", "candidates", "length", "embed")
+
 
 class DecoderBlock(nn.Module):
   mlp_dim: int
@@ -90,7 +93,7 @@ class DocidDecoder(nn.Module):
     else:
       x = x + pos[:, :length]
       self_mask = nn.make_causal_mask(tokens.reshape(batch * cands, length))
-    x = x.astype(self.dtype)
+    x = nn.with_logical_constraint(x.astype(self.dtype), ACTIVATION_AXES)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     cross_mask = None
     if encoder_mask is not None:  # [batch, patches] bool
@@ -104,6 +107,8 @@ class DocidDecoder(nn.Module):
         deterministic=not train,
         decode=decode,
       )
+      x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     x = nn.LayerNorm(name="decoder_norm", dtype=self.dtype)(x)
     logits = nn.Dense(self.vocab_size, name="logits", dtype=jnp.float32)(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "candidates", "length", "vocab"))
     return logits[:, 0] if squeeze else logits

@@ -36,6 +36,7 @@ class DSINetwork(nn.Module):
 
   def encode(self, inputs, *, train: bool = False):
     encoded, aux = self.encoder(inputs, train=train)
+    encoded = nn.with_logical_constraint(encoded, ("batch", "length", "embed"))
     if self.pad_id is not None:
       encoded = {"encoded": encoded, "mask": inputs != self.pad_id}
     return encoded, aux
@@ -174,16 +175,30 @@ class DSIModel:
     self._score = jax.jit(self._score_impl)
 
   # -- parameters ------------------------------------------------------------------------
-  def init(self, rng: jax.Array, input_shape: tuple[int, ...], input_dtype=None) -> Params:
+  def init(
+    self, rng: jax.Array, input_shape: tuple[int, ...], input_dtype=None, *, out_shardings=None
+  ) -> Params:
+    """Fresh parameters (with the `pretrained` subtrees in place).
+
+    out_shardings: a tree of shardings like the params (`partitioning.shardings`), so that
+    parameters are created sharded rather than gathered on one device first.
+    """
     inputs = jnp.zeros((1, *input_shape[1:]), input_dtype or self.input_dtype)
     tokens = jnp.zeros((1, self.docids.max_length), jnp.int32)
-    params = jax.jit(lambda r: self.network.init(r, inputs, tokens)["params"])(rng)
+    init = jax.jit(
+      lambda r: self.network.init(r, inputs, tokens)["params"], out_shardings=out_shardings
+    )
+    params = init(rng)
     for name, subtree in self.pretrained.items():
       fresh = jax.tree_util.tree_map(jnp.shape, params[name])
       given = jax.tree_util.tree_map(jnp.shape, subtree)
       if fresh != given:
         raise ValueError(f"pretrained {name!r} parameters do not fit the network's {name}")
-      params = {**params, name: jax.tree_util.tree_map(jnp.asarray, subtree)}
+      if out_shardings is None:
+        subtree = jax.tree_util.tree_map(jnp.asarray, subtree)
+      else:
+        subtree = jax.tree_util.tree_map(jax.device_put, subtree, out_shardings[name])
+      params = {**params, name: subtree}
     return params
 
   # -- the model contract ------------------------------------------------------------------

@@ -79,6 +79,7 @@ class Encoder(nn.Module):
       x = Encoder1DBlock(
         self.mlp_dim, self.num_heads, self.dropout, self.dtype, name=f"encoderblock_{i}"
       )(x, deterministic=deterministic)
+      x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
       aux[f"block{i:02d}"] = x
     return nn.LayerNorm(name="encoder_norm", dtype=self.dtype)(x), aux
 

@@ -8,16 +8,29 @@ Parameter tree (so their `.npz` checkpoints map onto it name for name):
   Transformer/encoder_norm
 
 The seed recipe's defaults: fixed sinusoidal positions, width 128, MLP 256, depth 6,
-4 heads, dropout 0.1.
+4 heads, dropout 0.1. `load_vit_npz` reads big_vision / Scenic `.npz` checkpoints into that tree.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+from dsi_jax.models.text import _one_line
+
+log = logging.getLogger(__name__)
+
+# Top-level entries of big_vision ViT checkpoints that this encoder has no place for: the
+# classifier head, the [cls] token, the MAP pooling head and the pre-logits layer.
+CHECKPOINT_HEADS = ("head", "cls", "MAPHead_0", "pre_logits")
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -121,3 +134,76 @@ class ViT(nn.Module):
     aux.update(blocks)
     aux["encoded"] = x
     return x, aux
+
+
+def load_vit_npz(path: str | os.PathLike, template_params: Mapping[str, Any]) -> dict:
+  """Reads a big_vision / Scenic ViT `.npz` checkpoint into this encoder's parameter tree.
+
+  Args:
+    path: the `.npz` file, flat '/'-joined keys as big_vision writes them, with or without a
+      leading "params/" (when present, only the "params/" entries are read).
+    template_params: the encoder's parameters, `model.init(...)["params"]` or its
+      `jax.eval_shape`, boxed with partitioning metadata or not; only their names, shapes and
+      dtypes are used.
+
+  Returns:
+    The checkpoint's parameters as a nested dict of numpy arrays, in the template's structure
+    and dtypes. Heads the encoder lacks (`CHECKPOINT_HEADS`) are left out and logged.
+
+  Raises:
+    FileNotFoundError: the file is missing.
+    ValueError: the file is not a readable `.npz` (no pickles are loaded), or a parameter is
+      missing, unknown to the encoder, not floating point, or of another shape (a `pos_embedding`
+      for another number of patches must be resampled first); the message names the file and
+      the key.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: file not found")
+  flat = _read_npz(path)
+  if any(k.startswith("params/") for k in flat):
+    flat = {k.removeprefix("params/"): v for k, v in flat.items() if k.startswith("params/")}
+
+  expected = traverse_util.flatten_dict(nn.unbox(template_params), sep="/")
+  params = {}
+  for key, want in expected.items():
+    if key not in flat:
+      raise ValueError(f"{path}: missing parameter {key!r} (model shape {tuple(want.shape)})")
+    got = flat[key]
+    if key == "pos_embedding" and got.shape[::2] == want.shape[::2] and got.shape != want.shape:
+      raise ValueError(
+        f"{path}: 'pos_embedding' has {got.shape[1]} positions in the checkpoint, "
+        f"{want.shape[1]} in the model (shapes {got.shape} vs {tuple(want.shape)}): another "
+        "image or patch size; resample it or init the model at the checkpoint's size"
+      )
+    if got.shape != tuple(want.shape):
+      raise ValueError(
+        f"{path}: {key!r} has shape {got.shape} in the checkpoint, {tuple(want.shape)} in the model"
+      )
+    if got.dtype.kind != "f":
+      raise ValueError(f"{path}: {key!r} has dtype {got.dtype}, expected floating point")
+    params[key] = got.astype(want.dtype)
+
+  unused = sorted(set(flat) - set(expected))
+  heads = [k for k in unused if k.split("/")[0] in CHECKPOINT_HEADS]
+  extra = [k for k in unused if k not in heads]
+  if extra:
+    raise ValueError(
+      f"{path}: parameter {extra[0]!r} is not in the model ({len(extra)} such parameters; "
+      "a deeper or different architecture?)"
+    )
+  if heads:
+    log.info("%s: not loading %d head parameters: %s", path, len(heads), ", ".join(heads))
+  return traverse_util.unflatten_dict(params, sep="/")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of an `.npz` file by key, or a one-line ValueError naming the file."""
+  try:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an archive")
+    with data:
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: not a readable .npz checkpoint ({_one_line(e)})") from None

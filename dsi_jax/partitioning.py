@@ -52,6 +52,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("channels", None),
   ("positions", None),
   ("type_vocab", None),
+  ("proj", None),
 )
 
 # Parameter path (a regex searched in "a/b/c" form) -> logical axes; the first match wins.
@@ -66,8 +67,10 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
   (r"(LayerNorm[^/]*|[a-z_]*_norm)/(scale|bias)$", ("embed",)),
   (r"(^|/)embedding/kernel$", ("patch_h", "patch_w", "channels", "embed")),  # ViT stem
   (r"(^|/)embedding/bias$", ("embed",)),
-  (r"(token_embedder|word_embeddings)/embedding$", ("vocab", "embed")),
-  (r"position_embeddings/embedding$", ("positions", "embed")),
+  (r"(token_embedder|word_embeddings|token_embedding)/embedding$", ("vocab", "embed")),
+  (r"position_embeddings?/embedding$", ("positions", "embed")),
+  (r"class_embedding$", ("embed",)),  # CLIP's class token
+  (r"(text|visual)_projection/kernel$", ("embed", "proj")),  # CLIP's projections
   (r"token_type_embeddings/embedding$", ("type_vocab", "embed")),
   (r"pos_embedding$", (None, "length", "embed")),
   (r"logits/kernel$", ("embed", "vocab")),

@@ -69,6 +69,30 @@ def test_param_axes_name_every_parameter_and_its_optimizer_state():
     partitioning.logical_axes({"mystery": {"kernel": np.zeros((2, 3))}})
 
 
+def test_param_axes_cover_the_text_and_clip_towers():
+  import jax
+  import jax.numpy as jnp
+
+  from dsi_jax.models import clip, text
+
+  bert = text.BertEncoder(text.BertConfig(vocab_size=50, hidden=32, layers=1, heads=2))
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  cfg = clip.ClipConfig(
+    text=clip.ClipTextConfig(vocab_size=50, hidden=32, layers=1, heads=2, intermediate=64),
+    vision=clip.ClipVisionConfig(
+      hidden=32, layers=1, heads=2, intermediate=64, image_size=16, patch_size=8
+    ),
+    projection_dim=16,
+  )
+  images = jnp.zeros((1, 16, 16, 3))
+  for module, args in ((bert, (tokens,)), (clip.CLIP(cfg), (tokens, images))):
+    shapes = jax.eval_shape(lambda m=module, a=args: m.init(jax.random.PRNGKey(0), *a))
+    axes = jax.tree_util.tree_leaves(
+      partitioning.logical_axes(shapes["params"]), is_leaf=lambda x: isinstance(x, tuple)
+    )
+    assert axes and all(isinstance(a, tuple) for a in axes)
+
+
 def test_mesh_shape_errors_are_one_line():
   with pytest.raises(ValueError, match="needs 8 devices, 1 are available"):
     partitioning.make_mesh(2, 2, 2)

@@ -25,11 +25,18 @@ def run_experiment(
   model: dict | None = None,
   train_config: train_lib.TrainConfig | None = None,
   data_dir: str | None = None,
+  distributed: bool = False,
 ) -> dict[str, Any]:
   """Registers the corpus's SeqIO tasks, trains ViT-DSI on them, writes `results.json`.
 
   The corpus and its ids are saved in `workdir/corpus/` (and reused if present).
+  distributed: start with `jax.distributed.initialize` (one process per host of a TPU pod
+    slice or a multi-node GPU job; its arguments are auto-detected there).
   """
+  if distributed:
+    from dsi_jax import partitioning
+
+    partitioning.initialize_distributed()
   from dsi_jax import tasks
   from dsi_jax.tasks import datasets as task_datasets
 

@@ -38,6 +38,7 @@ class BeamResult:
   tokens: jax.Array  # [batch, beams, max_length] id tokens, eos, then pad
   scores: jax.Array  # [batch, beams] log-probabilities, best first
   items: jax.Array  # [batch, beams] item index, -1 where fewer ids than beams exist
+  steps: jax.Array  # [] int32: decode steps run (the loop stops once every beam has ended)
 
 
 def _gather_beams(tree: Any, beam_index: jax.Array, batch: int, beams: int) -> Any:
@@ -121,4 +122,4 @@ def beam_search(
   final = jax.lax.while_loop(not_done, body, init)
   alive = final.scores > NEG_INF / 2
   items = jnp.where(alive, trie.node_item[final.nodes], -1)
-  return BeamResult(tokens=final.tokens, scores=final.scores, items=items)
+  return BeamResult(tokens=final.tokens, scores=final.scores, items=items, steps=final.step)

@@ -162,6 +162,9 @@ def test_ids_of_different_lengths_decode():
   # The tokens of each result are its id then eos then pad.
   for r, key in enumerate(keys):
     np.testing.assert_array_equal(result.tokens[0, r], dm.targets([key])[0])
+  assert int(result.steps) == 4  # the longest id (3 codes) and its eos
+  # With one beam the search stops as soon as that beam has ended: "short" + eos.
+  assert int(run_search(fixed, {}, trie, 1, 1).steps) == 2
 
 
 def test_atomic_ids_decode_to_the_top_k_distinct_items():

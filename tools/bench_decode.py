@@ -435,18 +435,6 @@ class HostTrieSearch:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_steps(tokens: np.ndarray) -> int:
-  """Loop iterations run by `beam_search`: the longest decoded id, eos included.
-
-  The search stops once every beam is finished, so this is the last eos position + 1 over
-  all returned beams of the batch (it can be one short only if a still-unfinished beam was
-  dropped at the very last step).
-  """
-  eos = tokens == docids_lib.EOS
-  last = np.where(eos.any(-1), np.argmax(eos, -1), -1)
-  return int(last.max()) + 1
-
-
 def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]]:
   t0 = time.perf_counter()
   dm = make_docids(layout, n, seed=args.seed, semantic_c=args.semantic_c)
@@ -492,7 +480,7 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
       t0 = time.perf_counter()
       result = jax.device_get(search(cache, trie))  # compiles
       compile_s = time.perf_counter() - t0
-      steps = decode_steps(result.tokens)
+      steps = int(result.steps)
       timing = time_call(search, cache, trie, repeats=args.repeats, min_time=args.min_time)
       plain = jax.jit(
         functools.partial(
@@ -546,6 +534,72 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
           if "host_s" in row
           else ""
         ),
+        flush=True,
+      )
+  return rows
+
+
+def bench_trained(demo_out: str, args) -> list[dict[str, Any]]:
+  """The trie-constrained search inside a real trained ViT-DSI (a `dsi-jax demo` output).
+
+  Times `DSIModel.predict_batch` (ViT encoder, then the docid decoder with its KV cache under
+  the trie) and the encoder alone, on random images of the corpus's shape (latency does not
+  depend on the pixels), and the synthetic decoder on the same trie for comparison.
+  """
+
+  from dsi_jax import train as train_lib
+  from dsi_jax.models import dsi
+
+  with open(os.path.join(demo_out, "results.json")) as f:
+    cfg = json.load(f)["config"]
+  seed = cfg.get("seeds", [0])[0]
+  workdir = os.path.join(demo_out, "runs", f"seed{seed}", "vit_dsi_clustered")
+  ids = docids_lib.DocidMap.load(os.path.join(workdir, "docids.json"))
+  size = cfg["image_size"]
+  model = dsi.DSIModel(dsi.make_vit_dsi(ids, **cfg["model"]), ids)
+  template = model.init(jax.random.PRNGKey(0), (1, size, size, 3))
+  params = train_lib.restore_params(os.path.join(workdir, "checkpoints", "fine_tuned"), template)
+  make_cache, tokens_to_logits = synthetic_model(model.trie.max_length, model.trie.vocab_size)
+  print(f"trained ViT-DSI from {workdir}: {len(ids)} ids, {cfg['model']}", flush=True)
+  rows = []
+  for batch in args.batches:
+    images = np.random.default_rng(args.seed).uniform(-1, 1, (batch, size, size, 3))
+    images = jnp.asarray(images, jnp.float32)
+    encode = jax.jit(model._encode)
+    enc_t = time_call(encode, params, images, repeats=args.repeats, min_time=args.min_time)
+    for beams in args.beams:
+      beams_used = min(beams, len(ids))
+
+      def predict(p, x, b=beams_used):
+        return model.predict_batch(p, x, num_beams=b)
+
+      result = jax.device_get(predict(params, images))  # compiles
+      steps = int(result.steps)
+      t = time_call(predict, params, images, repeats=args.repeats, min_time=args.min_time)
+      search = jax.jit(
+        functools.partial(
+          decoding.beam_search, tokens_to_logits, batch_size=batch, num_beams=beams_used
+        )
+      )
+      cache = make_cache(batch, beams_used)
+      jax.block_until_ready(search(cache, model.trie))
+      synth = time_call(search, cache, model.trie, repeats=args.repeats, min_time=args.min_time)
+      decode_s = t["median_s"] - enc_t["median_s"]
+      row = {
+        "n": len(ids),
+        "batch": batch,
+        "beams": beams_used,
+        "steps": steps,
+        "query_ms": 1e3 * t["median_s"] / batch,
+        "encoder_ms": 1e3 * enc_t["median_s"],
+        "model_step_ms": 1e3 * decode_s / steps,
+        "synthetic_step_ms": 1e3 * synth["median_s"] / steps,
+      }
+      rows.append(row)
+      print(
+        f"  batch {batch:3d} beams {beams_used:3d}: {row['query_ms']:.2f} ms/query, decode "
+        f"{row['model_step_ms']:.3f} ms/step with the model, "
+        f"{row['synthetic_step_ms']:.3f} synthetic",
         flush=True,
       )
   return rows
@@ -694,6 +748,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-host", dest="host", action="store_false", help="skip the host dict trie")
   p.add_argument("--host-max-n", type=count, default=1_000_000, help="largest N for it")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--trained",
+    default=None,
+    help="also time a real trained ViT-DSI: the --out folder of a `dsi-jax demo` run",
+  )
   args = p.parse_args(argv)
   if args.ns is None:
     args.ns = [1_000, 10_000] if args.quick else [1_000, 10_000, 100_000, 1_000_000]
@@ -721,7 +780,8 @@ def main(argv=None) -> int:
     "host": "nested-dict trie on the host: per step one jitted device call (logits, "
     "log-softmax, mask, top-k) and one transfer back, then a dict lookup per beam to build "
     "the next mask with numpy",
-    "step_time": "median call time / decode steps (longest decoded id + eos); first call "
+    "step_time": "median call time / decode steps (BeamResult.steps: the loop runs until every "
+    "beam has ended); first call "
     "(compile) excluded; each repeat averages back-to-back calls lasting >= min_time",
   }
   report["memory"] = []
@@ -731,6 +791,8 @@ def main(argv=None) -> int:
       rows.extend(bench_layout(layout, n, args, report))
   report["results"] = rows
   report["summary"] = summarize(rows, args.ns)
+  if args.trained:
+    report["trained"] = bench_trained(args.trained, args)
   json_path = write_report(args.out, "bench_decode", report)
   png = os.path.join(args.out, "bench_decode.png")
   plot(report, png)
@@ -767,6 +829,23 @@ def main(argv=None) -> int:
       ],
     )
   )
+  if args.trained:
+    print()
+    print(
+      markdown_table(
+        report["trained"],
+        [
+          ("N", "n"),
+          ("batch", "batch"),
+          ("beams", "beams"),
+          ("steps", "steps"),
+          ("ms/query", "query_ms"),
+          ("encoder ms", "encoder_ms"),
+          ("decode ms/step (model)", "model_step_ms"),
+          ("decode ms/step (synthetic)", "synthetic_step_ms"),
+        ],
+      )
+    )
   s = report["summary"]
   print()
   print(

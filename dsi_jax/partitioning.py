@@ -43,6 +43,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("embed", "fsdp"),
   ("mlp", "model"),
   ("heads", "model"),
+  ("joined_kv", "model"),
   ("vocab", "model"),
   ("kv", None),
   ("length", None),
@@ -53,10 +54,25 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("positions", None),
   ("type_vocab", None),
   ("proj", None),
+  ("relpos_buckets", None),
 )
 
 # Parameter path (a regex searched in "a/b/c" form) -> logical axes; the first match wins.
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+  # t5x's T5 layout (dsi_jax.models.t5): 2-D attention kernels, heads x head_dim joined.
+  (
+    r"(^|/)(attention|self_attention|encoder_decoder_attention)/(query|key|value)/kernel$",
+    ("embed", "joined_kv"),
+  ),
+  (
+    r"(^|/)(attention|self_attention|encoder_decoder_attention)/out/kernel$",
+    ("joined_kv", "embed"),
+  ),
+  (r"(^|/)mlp/wi(_\d+)?/kernel$", ("embed", "mlp")),
+  (r"(^|/)mlp/wo/kernel$", ("mlp", "embed")),
+  (r"(^|/)relpos_bias/rel_embedding$", ("heads", "relpos_buckets")),
+  (r"(^|/)logits_dense/kernel$", ("embed", "vocab")),
+  # big_vision / Flax MultiHeadDotProductAttention layout: [embed, heads, head_dim] kernels.
   (r"(query|key|value)/kernel$", ("embed", "heads", "kv")),
   (r"(query|key|value)/bias$", ("heads", "kv")),
   (r"out/kernel$", ("heads", "kv", "embed")),
@@ -71,6 +87,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
   (r"position_embeddings?/embedding$", ("positions", "embed")),
   (r"class_embedding$", ("embed",)),  # CLIP's class token
   (r"(text|visual)_projection/kernel$", ("embed", "proj")),  # CLIP's projections
+  (r"(text|image)_adapter/kernel$", ("proj", "embed")),  # CLIP-DSI: a tower -> decoder width
+  (r"(text|image)_adapter/bias$", ("embed",)),
   (r"token_type_embeddings/embedding$", ("type_vocab", "embed")),
   (r"pos_embedding$", (None, "length", "embed")),
   (r"logits/kernel$", ("embed", "vocab")),
@@ -177,15 +195,17 @@ def host_rows(global_batch: int, mesh: Mesh) -> slice:
   return slice(start, start + per_host)
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """One global array per feature from every host's rows (`host_rows`), sharded on `batch`."""
+def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+  """One global array per feature (any pytree of them) from every host's rows (`host_rows`),
+  sharded on `batch`."""
   sharding = batch_sharding(mesh)
-  out = {}
-  for key, value in local.items():
+
+  def one(value):
     value = np.asarray(value)
     shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
-    out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
-  return out
+    return jax.make_array_from_process_local_data(sharding, value, shape)
+
+  return jax.tree_util.tree_map(one, dict(local))
 
 
 @contextlib.contextmanager

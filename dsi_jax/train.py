@@ -307,15 +307,29 @@ def create_state(
   def make_state(params):
     return TrainState.create(apply_fn=None, params=params, tx=tx)
 
-  abstract = jax.eval_shape(lambda r: model.init(r, input_shape), rng)
+  abstract = jax.eval_shape(lambda r: model.init(r, input_shape), rng)  # shape or examples
   params = model.init(rng, input_shape, out_shardings=partitioning.shardings(abstract, mesh))
   state_shardings = partitioning.shardings(jax.eval_shape(make_state, params), mesh)
   return jax.jit(make_state, out_shardings=state_shardings)(params)
 
 
-def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, rows: slice):
-  """Batch `step` of indexing examples; `rows`: this host's share of the global batch."""
+def example_inputs(data: RetrievalData):
+  """What `DSIModel.init` needs to see: the inputs' shape, or one row of each kind of input
+  where queries and items differ (captions and images)."""
+  if same_kind(data):
+    return data.index_inputs.shape
+  return (data.train_inputs[:1], data.index_inputs[:1])
+
+
+def same_kind(data: RetrievalData) -> bool:
+  a, b = data.index_inputs, data.train_inputs
+  return a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
+
+
+def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh):
+  """Batch `step` of indexing examples (this host's rows of it)."""
   n = len(data.index_inputs)
+  rows = partitioning.host_rows(config.batch_size, mesh)
 
   def make_batch(step: int) -> dict:
     idx = epoch_indices(n, config.batch_size, step, config.seed)[rows]
@@ -324,13 +338,21 @@ def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig,
   return make_batch
 
 
-def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, rows: slice):
-  """Batches of query -> random relevant id, mixed with indexing examples (`rows`: this
-  host's share)."""
+def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh):
+  """Batches of query -> random relevant id, mixed with indexing examples (this host's rows).
+
+  Where queries and items are of different kinds (captions, images), `inputs` and `targets`
+  are the tuples `(queries, items)`, each split over the hosts on its own.
+  """
   n_ret = int(round(config.batch_size * config.retrieval_ratio / (1.0 + config.retrieval_ratio)))
   n_ret = min(max(n_ret, 1), config.batch_size)
   n_idx = config.batch_size - n_ret
   nq, n = len(data.train_inputs), len(data.index_inputs)
+  mixed = same_kind(data) or n_idx == 0
+  if mixed:
+    rows = partitioning.host_rows(config.batch_size, mesh)
+  else:
+    q_rows, i_rows = partitioning.host_rows(n_ret, mesh), partitioning.host_rows(n_idx, mesh)
 
   def make_batch(step: int) -> dict:
     # The global batch is [retrieval examples, indexing examples]; a host reads its rows only.
@@ -339,6 +361,11 @@ def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig,
     # Spread the targets over all relevant ids: a fresh relevant id each time.
     rel = np.array([data.train_relevant[j][rng.integers(len(data.train_relevant[j]))] for j in q])
     idx = epoch_indices(n, n_idx, step, config.seed + 2) if n_idx else np.zeros(0, int)
+    if not mixed:
+      return {
+        "inputs": (data.train_inputs[q[q_rows]], data.index_inputs[idx[i_rows]]),
+        "targets": (targets[rel[q_rows]], targets[idx[i_rows]]),
+      }
     is_query = (np.arange(config.batch_size) < n_ret)[rows]
     row, tgt = np.concatenate([q, idx])[rows], np.concatenate([rel, idx])[rows]
     inputs = np.concatenate([data.train_inputs[row[is_query]], data.index_inputs[row[~is_query]]])
@@ -435,17 +462,17 @@ def train_dsi(
   replaces the earlier one's checkpoints.
   """
   mesh = mesh or config.make_mesh()
-  rows = partitioning.host_rows(config.batch_size, mesh)
+  partitioning.host_rows(config.batch_size, mesh)  # a clear error now, not after indexing
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  state = create_state(model, data.index_inputs.shape, config, init_rng, mesh)
+  state = create_state(model, example_inputs(data), config, init_rng, mesh)
   targets = model.docids.targets()
   writer = None
   phase_checkpoints: dict[str, checkpoints_lib.PhaseCheckpoints] = {}
   if workdir:
     from clu import metric_writers
 
-    fingerprint = run_fingerprint(model, data.index_inputs.shape, config, finetune)
+    fingerprint = run_fingerprint(model, example_inputs(data), config, finetune)
     if _prepare_workdir(workdir, fingerprint):
       log.info("Resuming the run in %s", workdir)
     model.docids.save(os.path.join(workdir, "docids.json"))
@@ -470,7 +497,7 @@ def train_dsi(
       model,
       state,
       phase="indexing",
-      make_batch=index_batches(data, targets, config, rows),
+      make_batch=index_batches(data, targets, config, mesh),
       num_steps=config.index_max_steps,
       eval_every=config.index_eval_every,
       evaluate_fn=eval_index_phase,
@@ -499,7 +526,7 @@ def train_dsi(
         model,
         index.state,
         phase="retrieval",
-        make_batch=mixed_batches(data, targets, config, rows),
+        make_batch=mixed_batches(data, targets, config, mesh),
         num_steps=config.finetune_max_steps,
         eval_every=config.finetune_eval_every,
         evaluate_fn=lambda p: evaluate(model, p, data, config=config, splits=("val",)),

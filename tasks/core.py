@@ -161,6 +161,42 @@ class TokenizerVocabulary(seqio.Vocabulary):
     return hash(("TokenizerVocabulary", self._name))
 
 
+class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
+  """seqio's SentencePiece vocabulary over a model file that may not exist yet.
+
+  `model_file` may be a function that returns the path, called on first use; it can train the
+  model then (`dsi_jax.data.spm.corpus_sentencepiece`), so registering a task trains nothing.
+  The model must keep T5's ids (0 pad, 1 eos, 2 unk), as `dsi_jax.data.spm` trains them: the
+  eos id is known without loading the model, which SeqIO asks for when a task is registered.
+  """
+
+  def __init__(self, model_file: str | Callable[[], str], name: str):
+    self._resolve = model_file if callable(model_file) else None
+    self._name = name
+    super().__init__(model_file if isinstance(model_file, str) else "")
+
+  def _model_context(self):
+    if self._model is None and self._resolve is not None:
+      self._sentencepiece_model_file = self._resolve()
+    context = super()._model_context()
+    if context.tokenizer.eos_id() != self.eos_id:
+      raise ValueError(
+        f"{self._sentencepiece_model_file}: eos id {context.tokenizer.eos_id()}, expected "
+        f"{self.eos_id} (train it with dsi_jax.data.spm)"
+      )
+    return context
+
+  @property
+  def eos_id(self) -> int:
+    return 1
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, SentencePieceVocabulary) and other._name == self._name
+
+  def __hash__(self) -> int:
+    return hash(("SentencePieceVocabulary", self._name))
+
+
 @dataclasses.dataclass(frozen=True)
 class CorpusData:
   """A corpus with its ids and the contents of its items, looked up by key.

@@ -8,11 +8,20 @@ Names are `dsi_jax_<corpus>_<ids>` (the mixture), `..._indexing` and `..._retrie
   dsi_jax_flickr8k1k_random, dsi_jax_flickr30k1k_random  captions -> their image
   dsi_jax_squad_{random,naive,atomic,semantic,rq}     SQuAD v1.1 dev, question -> paragraph
                                                       (MiniLM word pieces)
+  dsi_jax_squad_{random,naive,atomic,semantic,rq}_spm the same corpus and ids in SentencePiece
+                                                      tokens (the T5 path; see below)
 
 Registering is free: a corpus is built on first use. Then the tfds dataset is prepared from
 local files (never downloaded) in the data dir, the corpus is sampled (seed 0) and saved with
 its ids in `<data dir>/corpora/<name>/`, and later uses read that saved corpus, so an
 evaluation months later sees the same corpus and ids.
+
+Text corpora are tokenised by MiniLM's WordPiece tokenizer (`tokenizer="minilm"`, for the
+borrowed MiniLM encoder) or by a SentencePiece model trained on the corpus's own documents
+(`tokenizer="sentencepiece"`, for the T5 encoder trained from scratch): `spm.model`
+(`SPM_VOCAB_SIZE` unigram pieces; 0 pad, 1 eos, 2 unk) is trained on first use and saved in
+the corpus folder. The `_spm` tasks share the corpus folder, and so the corpus and ids, of
+the MiniLM tasks of the same name.
 
 Where the source files are (environment variables; see the README's "Datasets"):
   DSI_JAX_FASHION_MNIST_DIR (default: the Debian package's folder), DSI_JAX_IMAGE_FOLDER,
@@ -26,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,11 +44,14 @@ import tensorflow_datasets as tfds
 
 from dsi_jax import docids as docids_lib
 from dsi_jax.data import corpus as corpus_lib
+from dsi_jax.data import spm as spm_lib
 from dsi_jax.tasks import core
 
 SIZES = (512, 1024, 2048)
 NUM_CODES = 10
 DATA_DIR_ENV = "DSI_JAX_DATA_DIR"
+TOKENIZERS = ("minilm", "sentencepiece")
+SPM_VOCAB_SIZE = 8000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +207,33 @@ def minilm_vocabulary() -> core.TokenizerVocabulary:
   return core.TokenizerVocabulary(load, "all-MiniLM-L6-v2")
 
 
+def sentencepiece_vocabulary(
+  get_data: Callable[[], core.CorpusData],
+  corpus_dir: Callable[[], str],
+  name: str,
+  *,
+  vocab_size: int = SPM_VOCAB_SIZE,
+) -> core.SentencePieceVocabulary:
+  """A SentencePiece vocabulary trained on the documents of a text corpus, on first use.
+
+  Args:
+    get_data: builds (or reads) the corpus.
+    corpus_dir: the corpus folder, where `spm.model` is saved (a function: the data dir is
+      looked up when the vocabulary is first used, not when it is registered).
+    name: the vocabulary's name (vocabularies of the same name are equal).
+    vocab_size: pieces wanted (a soft limit for small corpora).
+  """
+
+  def model_file() -> str:
+    data = get_data()
+    if data.texts is None:
+      raise ValueError(f"{name}: a SentencePiece vocabulary needs a corpus of texts")
+    texts = [data.texts[k] for k in data.corpus.indexed]
+    return spm_lib.corpus_sentencepiece(corpus_dir(), texts, vocab_size=vocab_size)
+
+  return core.SentencePieceVocabulary(model_file, name)
+
+
 def item_embeddings(corpus: corpus_lib.Corpus, images=None, texts=None) -> np.ndarray:
   """Embeddings of the indexed items for semantic / rq ids: MiniLM sentence embeddings of
   texts; for images, their pixels (a flattened, centred vector; a trained image tower would
@@ -258,6 +298,7 @@ def register(
   name: str | None = None,
   corpus_dir: str | None = None,
   location: str | None = None,
+  tokenizer: str = "minilm",
   **kwargs: Any,
 ) -> dict[str, str]:
   """Registers the tasks of one corpus of a known data set (see `SOURCES`); lazy.
@@ -267,30 +308,50 @@ def register(
     num_items: corpus size (None: the whole split).
     scheme: docid scheme ("random", "clustered").
     seed: sampling and id seed.
-    name: task-name prefix (default `dsi_jax_<corpus><num_items>_<scheme>`).
-    corpus_dir: where the corpus and ids are saved (default under the data dir).
+    name: task-name prefix (default `dsi_jax_<corpus><num_items>_<scheme>`, plus `_spm` for
+      SentencePiece tokens).
+    corpus_dir: where the corpus and ids are saved (default under the data dir, in the folder
+      of the default name without `_spm`, so both tokenizers read the same corpus and ids).
     location: the source folder or file (default: from the environment variable).
+    tokenizer: for text corpora, "minilm" (MiniLM's WordPiece) or "sentencepiece" (a model
+      trained on the corpus's documents, saved as `spm.model` in the corpus folder).
     **kwargs: passed to `register_dsi_tasks` (e.g. `indexing_rate`, `retrieval_rate`).
   """
   if corpus not in SOURCES:
     raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(SOURCES)}")
+  if tokenizer not in TOKENIZERS:
+    raise ValueError(f"unknown tokenizer {tokenizer!r}; known: {', '.join(TOKENIZERS)}")
   source = SOURCES[corpus]
+  if tokenizer == "sentencepiece" and source.modality != "text":
+    raise ValueError(f"tokenizer='sentencepiece' needs a corpus of texts; {corpus!r} is not one")
   size = "" if num_items is None else str(num_items)
-  name = name or f"dsi_jax_{corpus}{size}_{scheme}"
+  default_name = f"dsi_jax_{corpus}{size}_{scheme}"
+  folder_name = name or default_name
+  if name is None and tokenizer == "sentencepiece":
+    name = f"{default_name}_spm"
+  name = name or default_name
 
+  def folder() -> str:
+    return os.fspath(corpus_dir or os.path.join(data_dir(), "corpora", folder_name))
+
+  @functools.cache
   def build() -> core.CorpusData:
     return load_corpus_data(
       source,
       num_items=num_items,
       scheme=scheme,
       seed=seed,
-      corpus_dir=corpus_dir or os.path.join(data_dir(), "corpora", name),
+      corpus_dir=folder(),
       location=location,
     )
 
   image_size = int(source.config.split("px")[0]) if source.config else None
   if source.modality != "image" and "text_vocabulary" not in kwargs:
-    kwargs["text_vocabulary"] = minilm_vocabulary()
+    if tokenizer == "sentencepiece":
+      vocab_name = f"sentencepiece:{corpus_dir or folder_name}"
+      kwargs["text_vocabulary"] = sentencepiece_vocabulary(build, folder, vocab_name)
+    else:
+      kwargs["text_vocabulary"] = minilm_vocabulary()
   return core.register_dsi_tasks(
     name,
     build,
@@ -311,4 +372,5 @@ def register_all() -> None:
   register("flickr8k", num_items=1000, scheme="random", name="dsi_jax_flickr8k1k_random")
   register("flickr30k", num_items=1000, scheme="random", name="dsi_jax_flickr30k1k_random")
   for scheme in ("random", "naive", "atomic", "semantic", "rq"):
-    register("squad", num_items=None, scheme=scheme)
+    for tokenizer in TOKENIZERS:
+      register("squad", num_items=None, scheme=scheme, tokenizer=tokenizer)

@@ -27,7 +27,8 @@ class DSINetwork(nn.Module):
   """`encode(inputs) -> (encoded, aux)`; `decode(encoded, tokens) -> logits`.
 
   For token inputs (`pad_id` set), `encoded` is `{"encoded": [b, len, d], "mask": [b, len]}` so
-  that the decoder never attends to padding; for images it is the `[b, patches, d]` array.
+  that the decoder never attends to padding; for images it is the `[b, patches, d]` array. An
+  encoder whose aux holds a "mask" (CLIP-DSI's two towers) sets that mask itself.
   """
 
   encoder: nn.Module
@@ -37,7 +38,9 @@ class DSINetwork(nn.Module):
   def encode(self, inputs, *, train: bool = False):
     encoded, aux = self.encoder(inputs, train=train)
     encoded = nn.with_logical_constraint(encoded, ("batch", "length", "embed"))
-    if self.pad_id is not None:
+    if "mask" in aux:  # an encoder of several kinds of input gives its own mask
+      encoded = {"encoded": encoded, "mask": aux["mask"]}
+    elif self.pad_id is not None:
       encoded = {"encoded": encoded, "mask": inputs != self.pad_id}
     return encoded, aux
 
@@ -127,6 +130,87 @@ def make_minilm_dsi(
   return DSIModel(network, docids, pretrained={"encoder": encoder_params}), tokenizer
 
 
+# T5.1.1 small's sizes (t5x `t5_1_1/small.gin`): width 512, 8 + 8 layers, 6 heads of 64, MLP 1024.
+T5_DSI_DEFAULTS = dict(
+  width=512, depth=8, decoder_depth=8, num_heads=6, head_dim=64, mlp_dim=1024, dropout=0.1
+)
+
+
+def make_t5_dsi(
+  docids: docids_lib.DocidMap,
+  *,
+  vocab_size: int,
+  pad_id: int = 0,
+  width: int = 512,
+  depth: int = 8,
+  decoder_depth: int | None = None,
+  num_heads: int = 6,
+  head_dim: int = 64,
+  mlp_dim: int = 1024,
+  dropout: float = 0.1,
+  num_buckets: int = 32,
+  max_distance: int = 128,
+  dtype: Any = jnp.float32,
+) -> DSINetwork:
+  """Text DSI trained from scratch: a T5.1.1 encoder and a T5.1.1 docid decoder.
+
+  Parameters follow t5x's T5 layout (`dsi_jax.models.t5`). Defaults are T5.1.1 small's sizes
+  (about 48M parameters with an 8k input vocabulary).
+
+  Args:
+    docids: the ids the decoder emits (its vocabulary and maximum length).
+    vocab_size: size of the input vocabulary (e.g. the SentencePiece model's).
+    pad_id: the input vocabulary's padding id (0 for T5 / seqio SentencePiece vocabularies),
+      masked out of every attention over the input.
+    width, depth, num_heads, head_dim, mlp_dim: sizes of the encoder and decoder layers.
+    decoder_depth: decoder layers (default: `depth`).
+    dropout: rate of every dropout (embeddings, attention weights, MLP, residual branches).
+    num_buckets, max_distance: relative position buckets.
+    dtype: activation dtype (parameters are float32).
+  """
+  from dsi_jax.models import t5
+
+  sizes = dict(
+    width=width,
+    num_heads=num_heads,
+    head_dim=head_dim,
+    mlp_dim=mlp_dim,
+    dropout=dropout,
+    num_buckets=num_buckets,
+    max_distance=max_distance,
+    dtype=dtype,
+  )
+  encoder = t5.T5Encoder(vocab_size=vocab_size, depth=depth, pad_id=pad_id, **sizes)
+  decoder = t5.T5Decoder(
+    vocab_size=docids.vocab_size,
+    max_length=docids.max_length,
+    depth=depth if decoder_depth is None else decoder_depth,
+    **sizes,
+  )
+  return DSINetwork(encoder=encoder, decoder=decoder, pad_id=pad_id)
+
+
+def _replace_subtree(params, path: list[str], subtree, shardings, name: str):
+  """`params` with the subtree at `path` replaced by pretrained `subtree` (shapes must match)."""
+  if len(path) > 1:
+    inner = _replace_subtree(
+      params[path[0]], path[1:], subtree, shardings and shardings[path[0]], name
+    )
+    return {**params, path[0]: inner}
+  key = path[0]
+  if key not in params:
+    raise ValueError(f"pretrained {name!r}: the network has no such parameters")
+  fresh = jax.tree_util.tree_map(jnp.shape, params[key])
+  given = jax.tree_util.tree_map(jnp.shape, subtree)
+  if fresh != given:
+    raise ValueError(f"pretrained {name!r} parameters do not fit the network's {name}")
+  if shardings is None:
+    subtree = jax.tree_util.tree_map(jnp.asarray, subtree)
+  else:
+    subtree = jax.tree_util.tree_map(jax.device_put, subtree, shardings[key])
+  return {**params, key: subtree}
+
+
 def shift_right(targets: jax.Array) -> jax.Array:
   """Decoder inputs `[..., length]`: pad, then the targets without their last position."""
   pad = [(0, 0)] * (targets.ndim - 1) + [(1, 0)]
@@ -160,8 +244,9 @@ class DSIModel:
     network: the encoder-decoder.
     docids: the ids it decodes.
     exact_max_ids: up to this many ids, `rank(method="auto")` scores every id exactly.
-    pretrained: parameter subtrees that replace freshly initialised ones in `init`, e.g.
-      `{"encoder": minilm_params}` (shapes must match).
+    pretrained: parameter subtrees that replace freshly initialised ones in `init`, by path,
+      e.g. `{"encoder": minilm_params}` or `{"encoder/text_tower": minilm_params}` (shapes must
+      match).
     """
     self.network = network
     self.docids = docids
@@ -175,30 +260,26 @@ class DSIModel:
     self._score = jax.jit(self._score_impl)
 
   # -- parameters ------------------------------------------------------------------------
-  def init(
-    self, rng: jax.Array, input_shape: tuple[int, ...], input_dtype=None, *, out_shardings=None
-  ) -> Params:
+  def init(self, rng: jax.Array, input_shape, input_dtype=None, *, out_shardings=None) -> Params:
     """Fresh parameters (with the `pretrained` subtrees in place).
 
+    input_shape: the shape of a batch of inputs, or example inputs (an array, or a tuple of
+      arrays of each kind the encoder takes, e.g. CLIP-DSI's `(images, tokens)`).
     out_shardings: a tree of shardings like the params (`partitioning.shardings`), so that
-    parameters are created sharded rather than gathered on one device first.
+      parameters are created sharded rather than gathered on one device first.
     """
-    inputs = jnp.zeros((1, *input_shape[1:]), input_dtype or self.input_dtype)
-    tokens = jnp.zeros((1, self.docids.max_length), jnp.int32)
+    if isinstance(input_shape, tuple) and all(isinstance(d, int) for d in input_shape):
+      inputs = jnp.zeros((1, *input_shape[1:]), input_dtype or self.input_dtype)
+    else:  # example inputs: one row of each
+      inputs = jax.tree_util.tree_map(lambda x: jnp.zeros((1, *x.shape[1:]), x.dtype), input_shape)
+    rows = sum(x.shape[0] for x in jax.tree_util.tree_leaves(inputs))
+    tokens = jnp.zeros((rows, self.docids.max_length), jnp.int32)
     init = jax.jit(
       lambda r: self.network.init(r, inputs, tokens)["params"], out_shardings=out_shardings
     )
     params = init(rng)
     for name, subtree in self.pretrained.items():
-      fresh = jax.tree_util.tree_map(jnp.shape, params[name])
-      given = jax.tree_util.tree_map(jnp.shape, subtree)
-      if fresh != given:
-        raise ValueError(f"pretrained {name!r} parameters do not fit the network's {name}")
-      if out_shardings is None:
-        subtree = jax.tree_util.tree_map(jnp.asarray, subtree)
-      else:
-        subtree = jax.tree_util.tree_map(jax.device_put, subtree, out_shardings[name])
-      params = {**params, name: subtree}
+      params = _replace_subtree(params, name.split("/"), subtree, out_shardings, name)
     return params
 
   # -- the model contract ------------------------------------------------------------------
@@ -207,6 +288,8 @@ class DSIModel:
     train = dropout_rng is not None
     rngs = {"dropout": dropout_rng} if train else {}
     targets = batch["targets"]
+    if isinstance(targets, tuple | list):  # parts of several kinds of input, in their order
+      targets = jnp.concatenate(targets)
     logits = self.network.apply(
       {"params": params}, batch["inputs"], shift_right(targets), train=train, rngs=rngs
     )

@@ -1,0 +1,97 @@
+"""CLIP-DSI plumbing: two towers, one docid decoder, batches that mix captions and images."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsi_jax import docids as docids_lib
+from dsi_jax import partitioning
+from dsi_jax import train as train_lib
+from dsi_jax.models import dsi, multimodal, text, vit
+
+
+def tiny_clip_dsi(ids, **kw):
+  text_tower = text.BertEncoder(
+    text.BertConfig(vocab_size=40, hidden=32, layers=1, heads=2, intermediate=64, dropout=0.0)
+  )
+  image_tower = vit.ViT(patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=2, dropout=0.0)
+  network = multimodal.make_clip_dsi(
+    ids,
+    image_tower=image_tower,
+    text_tower=text_tower,
+    width=32,
+    decoder_depth=1,
+    mlp_dim=64,
+    num_heads=2,
+    dropout=0.0,
+    **kw,
+  )
+  return dsi.DSIModel(network, ids)
+
+
+def caption_data(n=8, seed=0):
+  """n images; captions are token ids that name their image (2 train, 1 val, 1 test each)."""
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(-1, 1, size=(n, 8, 8, 3)).astype(np.float32)
+
+  def captions(variant):  # [CLS]=1, then a word naming the image, a variant word, pad 0
+    return np.array([[1, 10 + i, 30 + (variant + i) % 8, 2, 0] for i in range(n)], np.int32)
+
+  train = np.concatenate([captions(0), captions(1)])
+  return train_lib.RetrievalData(
+    index_inputs=images,
+    train_inputs=train,
+    train_relevant=[np.array([i % n]) for i in range(2 * n)],
+    val_inputs=captions(2),
+    val_relevant=[np.array([i]) for i in range(n)],
+    test_inputs=captions(3),
+    test_relevant=[np.array([i]) for i in range(n)],
+  )
+
+
+def test_encoder_masks_padding_and_mixes_kinds_in_one_batch():
+  ids = docids_lib.random_ids([f"img{i}" for i in range(8)], num_codes=4)
+  model = tiny_clip_dsi(ids)
+  data = caption_data()
+  params = model.init(jax.random.PRNGKey(0), train_lib.example_inputs(data))
+  assert set(params["encoder"]) == {"image_tower", "text_tower", "image_adapter", "text_adapter"}
+  partitioning.logical_axes(params)  # every parameter is named for sharding
+  apply = model.network.apply
+  tokens, images = data.train_inputs[:3], data.index_inputs[:2]
+  (encoded, _) = apply({"params": params}, (tokens, images), method=dsi.DSINetwork.encode)
+  assert encoded["encoded"].shape == (5, 5, 32)  # 5 tokens > 4 patches: images padded
+  np.testing.assert_array_equal(encoded["mask"][:3], tokens != 0)
+  assert encoded["mask"][3:, :4].all() and not encoded["mask"][3:, 4:].any()
+  # Each part encodes as it would alone.
+  alone, _ = apply({"params": params}, images, method=dsi.DSINetwork.encode)
+  np.testing.assert_allclose(encoded["encoded"][3:, :4], alone["encoded"], atol=1e-5)
+  # The loss of a mixed batch is the loss over its parts, in order.
+  targets = jnp.asarray(ids.targets())
+  mixed = {"inputs": (tokens, images), "targets": (targets[:3], targets[:2])}
+  loss, _ = model.loss_fn(params, mixed, None)
+  t_loss, _ = model.loss_fn(params, {"inputs": tokens, "targets": targets[:3]}, None)
+  i_loss, _ = model.loss_fn(params, {"inputs": images, "targets": targets[:2]}, None)
+  np.testing.assert_allclose(loss, (3 * t_loss + 2 * i_loss) / 5, rtol=1e-5)
+
+
+def test_clip_dsi_learns_images_and_captions_of_8_images(tmp_path):
+  ids = docids_lib.random_ids([f"img{i}" for i in range(8)], num_codes=4)
+  model = tiny_clip_dsi(ids)
+  config = train_lib.TrainConfig(
+    batch_size=16,
+    learning_rate=3e-3,
+    warmup_steps=10,
+    index_target_accuracy=1.0,
+    index_max_steps=300,
+    index_eval_every=25,
+    finetune_max_steps=200,
+    finetune_eval_every=25,
+    patience=4,
+    eval_batch_size=8,
+  )
+  res = train_lib.train_dsi(
+    model, caption_data(), config=config, workdir=str(tmp_path), show_progress=False
+  )
+  assert res["zero_shot"]["test"]["ia@1"] == 1.0  # image -> its own id
+  ft = res["fine_tuned"]["test"]
+  assert ft["ia@1"] == 1.0 and ft["test/hits@1"] == 1.0, ft  # unseen caption -> its image

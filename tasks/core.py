@@ -477,7 +477,8 @@ def retrieval_data(name: str, *, text_length: int | None = None):
   Returns `(RetrievalData, DocidMap)`: row i of `index_inputs` is the item with id row i; each
   query's relevant rows come from its `relevant` feature, and a training query's examples
   (one per relevant item) are folded back into one query. Token inputs are cut or padded to
-  `text_length` (default: the longest).
+  `text_length` (default: the longest). For images indexed by captions ("image+text"), the
+  items are images and the queries are the captions' tokens.
   """
   from dsi_jax import train as train_lib
 
@@ -491,8 +492,10 @@ def retrieval_data(name: str, *, text_length: int | None = None):
     for ex in _read(f"{name}_retrieval", split):
       by_query.setdefault(ex["key"], ex)
     queries = list(by_query.values())
+    # Captions of an image corpus are in `text_inputs` (`inputs` holds a blank image there).
+    field = "text_inputs" if queries and "text_inputs" in queries[0] else "inputs"
     splits[split] = (
-      _stack_inputs([q["inputs"] for q in queries], text_length)
+      _stack_inputs([q[field] for q in queries], text_length)
       if queries
       else np.zeros((0,) + index[0]["inputs"].shape, np.float32),
       [np.sort(q["relevant"]) for q in queries],

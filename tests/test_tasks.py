@@ -224,3 +224,9 @@ def test_flickr8k_tasks_mix_images_and_captions():
   assert kinds == {"caption", "image"}
   corpus = tasks.corpus_data("dsi_jax_flickr8k1k_random").corpus
   assert [len(corpus.split(s)) for s in corpus_lib.QUERY_SPLITS] == [3000, 1000, 1000]
+  # The trainer's arrays: images indexed, caption tokens as queries, one relevant image each.
+  data, docids = tasks.retrieval_data("dsi_jax_flickr8k1k_random", text_length=32)
+  assert data.index_inputs.shape == (1000, 64, 64, 3) and len(docids) == 1000
+  assert data.train_inputs.shape == (3000, 32) and data.train_inputs.dtype == np.int32
+  assert data.test_inputs.shape == (1000, 32)
+  assert all(len(r) == 1 for r in data.test_relevant)

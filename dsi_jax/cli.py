@@ -1,4 +1,4 @@
-"""The `dsi-jax` command: `demo`, `train` (gin-configured) and `table`."""
+"""The `dsi-jax` command: `demo`, `train` (gin-configured), `search` and `table`."""
 
 from __future__ import annotations
 
@@ -35,15 +35,17 @@ def _gin_entry_point():
   """Registers the gin configurables once per process; returns the experiment to run."""
   import gin
 
-  from dsi_jax import experiment
+  from dsi_jax import experiment, flickr
   from dsi_jax import train as train_lib
 
   gin.external_configurable(train_lib.TrainConfig, module="dsi_jax")
+  gin.external_configurable(experiment.run_experiment, module="dsi_jax")
+  gin.external_configurable(flickr.run_flickr_experiment, module="dsi_jax")
   # `include 'gin_configs/...'` lines resolve from the working folder or the project root.
   gin.add_config_file_search_path(
     os.path.dirname(os.path.dirname(os.path.abspath(experiment.__file__)))
   )
-  return gin.external_configurable(experiment.run_experiment, module="dsi_jax")
+  return gin.external_configurable(experiment.main, module="dsi_jax")
 
 
 def _train(args) -> int:
@@ -53,6 +55,15 @@ def _train(args) -> int:
   gin.clear_config()
   gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
   run()
+  return 0
+
+
+def _search(args) -> int:
+  from dsi_jax import flickr
+
+  hits = flickr.search(args.workdir, caption=args.caption, image=args.image, k=args.k)
+  for rank, (path, score) in enumerate(hits, 1):
+    print(f"{rank:3d}  {score:9.3f}  {path}")
   return 0
 
 
@@ -94,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--gin_file", action="append", default=[], required=True)
   p.add_argument("--gin_bindings", "--gin.binding", action="append", default=[])
   p.set_defaults(fn=_train)
+
+  p = sub.add_parser(
+    "search", help="top-k images for a caption or an image, from a trained CLIP-DSI workdir"
+  )
+  p.add_argument(
+    "workdir", help="a run_flickr_experiment workdir (gin_configs/experiments/flickr*)"
+  )
+  query = p.add_mutually_exclusive_group(required=True)
+  query.add_argument("--caption", help="a text query")
+  query.add_argument("--image", help="an image file as the query")
+  p.add_argument("-k", type=int, default=10, help="how many images (default 10)")
+  p.set_defaults(fn=_search)
 
   p = sub.add_parser("table", help="print the results table of a results.json")
   p.add_argument("results")

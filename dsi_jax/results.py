@@ -19,6 +19,7 @@ import numpy as np
 
 METRICS = ("ia@1", "ia@5", "map@10", "recall@100")  # the seed's Table 1
 TEXT_METRICS = ("hits@1", "hits@10", "mrr@10")  # the DSI paper's question answering table
+CAPTION_METRICS = ("recall@1", "recall@5", "recall@10")  # text -> image retrieval (CLIP-DSI)
 _HEADERS = {
   "ia@1": "IA@1",
   "ia@5": "IA@5",
@@ -27,6 +28,9 @@ _HEADERS = {
   "hits@1": "Hits@1",
   "hits@10": "Hits@10",
   "mrr@10": "MRR@10",
+  "recall@1": "R@1",
+  "recall@5": "R@5",
+  "recall@10": "R@10",
 }
 GROUP_KEYS = ("model", "setting", "ids", "dataset", "db_size")
 
@@ -72,9 +76,11 @@ def _cell(row: dict, metric: str) -> str:
 
 def markdown_table(rows: Sequence[dict]) -> str:
   """One line per method: the seed's Table-1 layout (IA@1 IA@5 MAP@10 R@100) for image rows,
-  Hits@1 Hits@10 MRR@10 for question answering rows (the metric groups the rows carry)."""
+  Hits@1 Hits@10 MRR@10 for question answering rows, R@1 R@5 R@10 for caption -> image rows
+  (the metric groups the rows carry)."""
   metrics = [m for m in METRICS if any(m in r for r in rows)]
   metrics += [m for m in TEXT_METRICS if any(r.get(m) is not None for r in rows)]
+  metrics += [m for m in CAPTION_METRICS if any(r.get(m) is not None for r in rows)]
   header = "| model | ids | setting | db size | queries | "
   header += " | ".join(_HEADERS[m] for m in metrics) + " |"
   lines = [header, "|" + "---|" * (5 + len(metrics))]

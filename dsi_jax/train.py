@@ -59,6 +59,8 @@ class TrainConfig:
   retrieval_ratio: float = 1.0  # retrieval examples per indexing example in a batch
   eval_batch_size: int = 64
   ranking: str = "auto"  # retrieval metrics: "exact" | "beam" | "auto" (exact up to 4096 ids)
+  # Query metrics measured on the validation and test splits (the ranking goes to the largest k).
+  eval_metrics: tuple[str, ...] = ("map@10", "recall@100", "hits@1", "hits@10", "mrr@10")
   ia_beams: int = 10  # beams of the constrained search that IA@1 / IA@5 are measured with
   seed: int = 0
   # Device mesh (data, fsdp, model); one of them may be -1 ("all the remaining devices").
@@ -156,9 +158,8 @@ def evaluate(
   config: TrainConfig,
   splits: Sequence[str] = ("val",),
   index: bool = True,
-  k: int = 100,
 ) -> dict[str, float]:
-  """IA@1 / IA@5 on the indexed items and MAP@10 / Recall@100 (and loss) on query splits.
+  """IA@1 / IA@5 on the indexed items and `config.eval_metrics` (and a loss) on query splits.
 
   IA@k is measured with the constrained beam search (`config.ia_beams` beams); the query
   rankings with `config.ranking` (exact scoring of every id for small corpora, which is
@@ -174,13 +175,14 @@ def evaluate(
     ranked = [[keys[i] for i in row if i >= 0] for row in items]
     for kk in (1, 5):
       out[f"ia@{kk}"] = metrics_lib.indexing_accuracy(ranked, list(keys), kk)
+  names = list(config.eval_metrics)
+  k = max(int(name.split("@")[1]) for name in names)
   for split in splits:
     inputs = getattr(data, f"{split}_inputs")
     relevant = getattr(data, f"{split}_relevant")
     items, scores = rank_items(model, params, inputs, k, config)
     ranked = [[keys[i] for i in row if i >= 0] for row in items]
     rel = [{keys[i] for i in r} for r in relevant]
-    names = ["map@10", "recall@100", "hits@1", "hits@10", "mrr@10"]
     for name, value in metrics_lib.compute_metrics(ranked, rel, names).items():
       out[f"{split}/{name}"] = value
     # Retrieval loss: -log of the probability mass on the relevant ids (within the top k).

@@ -1,6 +1,5 @@
 """The T5 path: t5x-layout encoder and decoder, T5-DSI end to end, SentencePiece vocabularies."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,11 @@ class TrainConfig:
   # the latest `max_to_keep`. A rerun of the same run in the same workdir resumes from them.
   checkpoint_every: int = 0
   max_to_keep: int = 2
+  # Frozen for the first `freeze_steps` steps of training: parameter subtrees by path (e.g.
+  # "encoder", or CLIP-DSI's "encoder/text_tower"); their params and optimizer state stay as
+  # they are while the rest trains.
+  freeze: tuple[str, ...] = ("encoder",)
+  freeze_steps: int = 0
 
   def make_mesh(self) -> jax.sharding.Mesh:
     return partitioning.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_model)
@@ -108,15 +114,43 @@ def epoch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
   return np.asarray(out)
 
 
-def make_train_step(model: dsi.DSIModel, state_shardings, mesh: jax.sharding.Mesh):
-  """One jitted update; the state keeps `state_shardings`, the batch is split on `batch`."""
+def make_train_step(
+  model: dsi.DSIModel,
+  state_shardings,
+  mesh: jax.sharding.Mesh,
+  *,
+  freeze: Sequence[str] = (),
+  freeze_steps: int = 0,
+):
+  """One jitted update; the state keeps `state_shardings`, the batch is split on `batch`.
+
+  While `state.step < freeze_steps`, parameters under the `freeze` paths (and their optimizer
+  state) keep their values.
+  """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  frozen_paths = [re.compile(rf"(^|/){re.escape(p.strip('/'))}(/|$)") for p in freeze]
+
+  def keep_frozen(new, old):
+    frozen = old.step < freeze_steps
+
+    def pick(path, n, o):
+      name = partitioning.path_string(path)
+      if any(p.search(name) for p in frozen_paths):
+        return jnp.where(frozen, o, n)
+      return n
+
+    params = jax.tree_util.tree_map_with_path(pick, new.params, old.params)
+    opt_state = jax.tree_util.tree_map_with_path(pick, new.opt_state, old.opt_state)
+    return new.replace(params=params, opt_state=opt_state)
 
   def train_step(state: TrainState, batch, rng):
     dropout_rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
     (_, aux), grads = grad_fn(state.params, batch, dropout_rng)
-    return state.apply_gradients(grads=grads), aux
+    new = state.apply_gradients(grads=grads)
+    if frozen_paths and freeze_steps > 0:
+      new = keep_frozen(new, state)
+    return new, aux
 
   return jax.jit(
     train_step,
@@ -222,6 +256,8 @@ def run_phase(
   checkpoints: checkpoints_lib.PhaseCheckpoints | None = None,
   writer=None,
   show_progress: bool = True,
+  freeze: Sequence[str] = (),
+  freeze_steps: int = 0,
 ) -> PhaseResult:
   """A plain loop: step, log, evaluate every `eval_every`, keep the best params, checkpoint.
 
@@ -229,7 +265,9 @@ def run_phase(
   phase resumes from its latest checkpoint (a finished phase returns at once).
   """
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  train_step = make_train_step(model, state_shardings, mesh)
+  train_step = make_train_step(
+    model, state_shardings, mesh, freeze=freeze, freeze_steps=freeze_steps
+  )
   progress = checkpoints_lib.Progress(rng=np.asarray(jax.random.key_data(rng)).tolist())
   best_params = None
   if checkpoints is not None:
@@ -512,6 +550,8 @@ def train_dsi(
       checkpoints=phase_checkpoints.get("zero_shot"),
       writer=writer,
       show_progress=show_progress,
+      freeze=config.freeze,
+      freeze_steps=config.freeze_steps,
     )
     if index.history and index.history[-1]["ia@1"] < config.index_target_accuracy:
       log.warning(
@@ -540,6 +580,8 @@ def train_dsi(
         checkpoints=phase_checkpoints.get("fine_tuned"),
         writer=writer,
         show_progress=show_progress,
+        freeze=config.freeze,
+        freeze_steps=config.freeze_steps,
       )
       test = evaluate(model, ft.state.params, data, config=config, splits=("test",), index=True)
       results["fine_tuned"] = _phase_summary(ft, test)

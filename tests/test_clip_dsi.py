@@ -95,3 +95,33 @@ def test_clip_dsi_learns_images_and_captions_of_8_images(tmp_path):
   assert res["zero_shot"]["test"]["ia@1"] == 1.0  # image -> its own id
   ft = res["fine_tuned"]["test"]
   assert ft["ia@1"] == 1.0 and ft["test/hits@1"] == 1.0, ft  # unseen caption -> its image
+
+
+def test_frozen_towers_keep_their_values_for_the_first_steps():
+  ids = docids_lib.random_ids([f"img{i}" for i in range(8)], num_codes=4)
+  model = tiny_clip_dsi(ids)
+  data = caption_data()
+  config = train_lib.TrainConfig(batch_size=8, warmup_steps=1, learning_rate=1e-2)
+  mesh = partitioning.make_mesh()
+  state = train_lib.create_state(
+    model, train_lib.example_inputs(data), config, jax.random.PRNGKey(0), mesh
+  )
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  step = train_lib.make_train_step(
+    model, shardings, mesh, freeze=("encoder/text_tower",), freeze_steps=2
+  )
+  batch = train_lib.mixed_batches(data, ids.targets(), config, mesh)(0)
+  batch = partitioning.global_batch(batch, mesh)
+  states = [state]
+  for _ in range(3):
+    states.append(step(states[-1], batch, jax.random.PRNGKey(1))[0])
+
+  def leaves(s, part):
+    return jax.tree_util.tree_leaves(s.params["encoder"][part])
+
+  def same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+  assert same(leaves(states[2], "text_tower"), leaves(states[0], "text_tower"))  # 2 frozen steps
+  assert not same(leaves(states[3], "text_tower"), leaves(states[2], "text_tower"))  # then trains
+  assert not same(leaves(states[2], "image_tower"), leaves(states[0], "image_tower"))

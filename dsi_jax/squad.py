@@ -31,14 +31,30 @@ SCHEMES = ("atomic", "naive", "random", "semantic", "rq")
 SPLITS = ("train", "val", "test")
 
 
-def export(scheme: str, out_dir: str, *, text_length: int = TEXT_LENGTH) -> str:
-  """Reads the SQuAD tasks of `scheme` and saves their arrays in `out_dir`; returns it."""
+MODELS = ("minilm", "t5")  # MiniLM word pieces + MiniLM-DSI; SentencePiece + T5-DSI from scratch
+
+
+def export(
+  scheme: str, out_dir: str, *, text_length: int = TEXT_LENGTH, model: str = "minilm"
+) -> str:
+  """Reads the SQuAD tasks of `scheme` and saves their arrays in `out_dir`; returns it.
+
+  model: "minilm" (MiniLM word pieces) or "t5" (the corpus's SentencePiece pieces, the
+  `dsi_jax_squad_<scheme>_spm` tasks).
+  """
+  import seqio
+
   from dsi_jax import tasks
 
-  name = f"dsi_jax_squad_{scheme}"
+  if model not in MODELS:
+    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+  name = f"dsi_jax_squad_{scheme}" + ("_spm" if model == "t5" else "")
   data, docids = tasks.retrieval_data(name, text_length=text_length)
   corpus = tasks.corpus_data(name)
+  vocab = seqio.get_mixture_or_task(f"{name}_indexing").output_features["inputs"].vocabulary
   os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "model.json"), "w") as f:
+    json.dump({"model": model, "vocab_size": vocab.vocab_size, "pad_id": 0}, f)
   arrays = {"index_inputs": data.index_inputs}
   for split in SPLITS:
     relevant = getattr(data, f"{split}_relevant")
@@ -79,19 +95,32 @@ def run(
   minilm_path: str | None = None,
   show_progress: bool = True,
   max_eval_queries: int | None = None,
+  t5_sizes: dict | None = None,
 ) -> list[dict[str, Any]]:
-  """Trains MiniLM-DSI on an exported folder; returns result rows (zero-shot and fine-tuned).
+  """Trains MiniLM-DSI (or T5-DSI, for a folder exported with `model="t5"`) on an exported
+  folder; returns result rows (zero-shot and fine-tuned).
 
-  `max_eval_queries` keeps only the first validation and test questions (smoke runs).
+  `max_eval_queries` keeps only the first validation and test questions (smoke runs);
+  `t5_sizes` override `dsi.T5_DSI_DEFAULTS` (T5.1.1 small).
   """
   from dsi_jax.models import dsi
 
   data, docids = load_arrays(folder)
+  meta_path = os.path.join(folder, "model.json")
+  meta = {"model": "minilm"}
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
   if max_eval_queries is not None:
     for split in ("val", "test"):
       setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs")[:max_eval_queries])
       setattr(data, f"{split}_relevant", getattr(data, f"{split}_relevant")[:max_eval_queries])
-  model, _ = dsi.make_minilm_dsi(docids, path=minilm_path)
+  if meta["model"] == "t5":
+    sizes = {**dsi.T5_DSI_DEFAULTS, **(t5_sizes or {})}
+    network = dsi.make_t5_dsi(docids, vocab_size=meta["vocab_size"], pad_id=meta["pad_id"], **sizes)
+    model = dsi.DSIModel(network, docids)
+  else:
+    model, _ = dsi.make_minilm_dsi(docids, path=minilm_path)
   config = config or train_lib.TrainConfig()
   t0 = time.time()
   result = train_lib.train_dsi(
@@ -100,7 +129,7 @@ def run(
   rows = train_lib.result_rows(
     result,
     ("hits@1", "hits@10", "mrr@10"),
-    model="minilm_dsi",
+    model=f"{meta['model']}_dsi",
     dataset="squad_v1.1_dev",
     db_size=len(docids),
     ids=docids.scheme,

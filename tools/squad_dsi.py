@@ -4,6 +4,7 @@
 DSI_JAX_SQUAD_FILE=path/to/dev-v1.1.json python tools/squad_dsi.py export --out squad_data
 # 2. train (only JAX, Flax, optax, tokenizers and safetensors needed; a GPU helps):
 python tools/squad_dsi.py train --data squad_data --out squad_runs [--schemes semantic rq]
+# (--model t5 on both: SentencePiece pieces and T5-DSI trained from scratch)
 # 3. baselines on the same test questions, then one table:
 python tools/squad_dsi.py baselines --data squad_data --out squad_runs
 python tools/squad_dsi.py table --out squad_runs
@@ -24,13 +25,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
+  models = ("minilm", "t5")
+  model_help = "minilm: MiniLM word pieces, MiniLM-DSI; t5: SentencePiece, T5-DSI from scratch"
   p = sub.add_parser("export", help="save each scheme's arrays, read through the SeqIO tasks")
   p.add_argument("--out", required=True)
   p.add_argument("--schemes", nargs="+", default=None)
-  p = sub.add_parser("train", help="train MiniLM-DSI for each scheme")
+  p.add_argument("--model", choices=models, default="minilm", help=model_help)
+  p = sub.add_parser("train", help="train MiniLM-DSI (or T5-DSI) for each scheme")
   p.add_argument("--data", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--schemes", nargs="+", default=None)
+  p.add_argument("--model", choices=models, default="minilm", help=model_help)
   p.add_argument("--minilm", default=None, help="MiniLM folder (default: the installed package)")
   p.add_argument("--quick", action="store_true", help="a few steps only (a smoke run)")
   p = sub.add_parser("baselines", help="BM25 and the zero-shot MiniLM dual encoder")
@@ -46,8 +51,8 @@ def main(argv=None) -> int:
   schemes = getattr(args, "schemes", None) or list(squad.SCHEMES)
   if args.command == "export":
     for scheme in schemes:
-      squad.export(scheme, os.path.join(args.out, scheme))
-      print(f"exported {scheme}")
+      squad.export(scheme, os.path.join(args.out, _folder(scheme, args.model)), model=args.model)
+      print(f"exported {scheme} ({args.model})")
     return 0
   os.makedirs(args.out, exist_ok=True)
   if args.command == "train":
@@ -55,15 +60,19 @@ def main(argv=None) -> int:
 
     for scheme in schemes:
       rows = squad.run(
-        os.path.join(args.data, scheme),
+        os.path.join(args.data, _folder(scheme, args.model)),
         config=squad.default_config(args.quick),
         minilm_path=args.minilm,
         show_progress=False,
         max_eval_queries=64 if args.quick else None,
+        # A smoke run: a tiny T5 (T5.1.1 small is 48M parameters, slow on a CPU).
+        t5_sizes=dict(width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=128)
+        if args.quick
+        else None,
       )
       for r in rows:
         r["device"] = str(jax.devices()[0].device_kind)
-      _write(os.path.join(args.out, f"dsi_{scheme}.json"), rows)
+      _write(os.path.join(args.out, f"dsi_{_folder(scheme, args.model)}.json"), rows)
       print(json.dumps(rows), flush=True)
     return 0
   if args.command == "baselines":
@@ -81,6 +90,10 @@ def main(argv=None) -> int:
       rows.extend(json.load(f))
   print(results.markdown_table(rows))
   return 0
+
+
+def _folder(scheme: str, model: str) -> str:
+  return scheme if model == "minilm" else f"{scheme}_{model}"
 
 
 def _write(path: str, rows) -> None:

@@ -39,13 +39,20 @@ def _gin_entry_point():
   from dsi_jax import train as train_lib
 
   gin.external_configurable(train_lib.TrainConfig, module="dsi_jax")
-  gin.external_configurable(experiment.run_experiment, module="dsi_jax")
+  run_experiment = gin.external_configurable(experiment.run_experiment, module="dsi_jax")
   gin.external_configurable(flickr.run_flickr_experiment, module="dsi_jax")
   # `include 'gin_configs/...'` lines resolve from the working folder or the project root.
   gin.add_config_file_search_path(
     os.path.dirname(os.path.dirname(os.path.abspath(experiment.__file__)))
   )
-  return gin.external_configurable(experiment.main, module="dsi_jax")
+
+  def main(experiment=run_experiment):
+    """`dsi_jax.main.experiment` names the experiment to run (default: the Fashion-MNIST
+    `run_experiment`; e.g. `@dsi_jax.run_flickr_experiment`), whose arguments the gin files
+    bind."""
+    return experiment()
+
+  return gin.external_configurable(main, module="dsi_jax")
 
 
 def _train(args) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from typing import Any
 
 from dsi_jax import results as results_lib
@@ -82,10 +81,3 @@ def run_experiment(
   results_lib.write_json(report, os.path.join(workdir, "results.json"))
   print(results_lib.markdown_table(rows))
   return report
-
-
-def main(experiment: Callable[[], Any] = run_experiment) -> Any:
-  """What `dsi-jax train` runs: `dsi_jax.main.experiment` names the experiment function
-  (default `run_experiment`; e.g. `@dsi_jax.run_flickr_experiment`), whose arguments the gin
-  files bind."""
-  return experiment()

@@ -34,6 +34,23 @@ METRICS = ("recall@1", "recall@5", "recall@10")
 VIT_TOWER = dict(patch_size=8, width=128, depth=4, mlp_dim=256, num_heads=4, dropout=0.1)
 
 
+def clip_dsi_network(docids, text_tower, image_tower: dict, width: int, decoder_depth: int):
+  """The experiment's CLIP-DSI: `text_tower` and a ViT of `image_tower` sizes, a docid decoder
+  of `width` (4 heads, MLP 4 x width) and `decoder_depth`."""
+  from dsi_jax.models import multimodal, vit
+
+  return multimodal.make_clip_dsi(
+    docids,
+    image_tower=vit.ViT(**image_tower),
+    text_tower=text_tower,
+    text_pad_id=text_tower.config.pad_token_id,
+    width=width,
+    decoder_depth=decoder_depth,
+    num_heads=4,
+    mlp_dim=4 * width,
+  )
+
+
 def run_flickr_experiment(
   *,
   workdir: str,
@@ -70,7 +87,7 @@ def run_flickr_experiment(
   """
   from dsi_jax import tasks
   from dsi_jax.baselines import dual_encoder as dual_lib
-  from dsi_jax.models import dsi, multimodal, text, vit
+  from dsi_jax.models import dsi, text, vit
   from dsi_jax.tasks import datasets as task_datasets
 
   image_tower = {**VIT_TOWER, **(image_tower or {})}
@@ -96,16 +113,7 @@ def run_flickr_experiment(
   rows = []
 
   # CLIP-DSI.
-  network = multimodal.make_clip_dsi(
-    docids,
-    image_tower=vit.ViT(**image_tower),
-    text_tower=text_tower,
-    text_pad_id=text_tower.config.pad_token_id,
-    width=width,
-    decoder_depth=decoder_depth,
-    num_heads=4,
-    mlp_dim=4 * width,
-  )
+  network = clip_dsi_network(docids, text_tower, image_tower, width, decoder_depth)
   model = dsi.DSIModel(network, docids, pretrained={"encoder/text_tower": minilm_params})
   config = dataclasses.replace(
     train_config or train_lib.TrainConfig(),
@@ -204,7 +212,7 @@ def load_clip_dsi(workdir: str, *, minilm_path: str | None = None):
   import json
 
   from dsi_jax import docids as docids_lib
-  from dsi_jax.models import dsi, multimodal, text, vit
+  from dsi_jax.models import dsi, text
 
   path = os.path.join(workdir, "results.json")
   if not os.path.isfile(path):
@@ -214,15 +222,8 @@ def load_clip_dsi(workdir: str, *, minilm_path: str | None = None):
   run = os.path.join(workdir, "clip_dsi")
   docids = docids_lib.DocidMap.load(os.path.join(run, "docids.json"))
   text_tower, _, tokenizer = text.load_minilm(minilm_path)
-  network = multimodal.make_clip_dsi(
-    docids,
-    image_tower=vit.ViT(**config["image_tower"]),
-    text_tower=text_tower,
-    text_pad_id=text_tower.config.pad_token_id,
-    width=config["width"],
-    decoder_depth=config["decoder_depth"],
-    num_heads=4,
-    mlp_dim=4 * config["width"],
+  network = clip_dsi_network(
+    docids, text_tower, config["image_tower"], config["width"], config["decoder_depth"]
   )
   model = dsi.DSIModel(network, docids)
   size = config["image_size"]

@@ -170,7 +170,7 @@ def shardings(tree: Any, mesh: Mesh, rules: Sequence = LOGICAL_RULES) -> Any:
   def one(path, leaf, axes):
     return NamedSharding(mesh, _spec(np.shape(leaf), axes, mesh, rules, path_string(path)))
 
-  return jax.tree_util.tree_map_with_path(one, tree, names, is_leaf=lambda x: x is None)
+  return jax.tree_util.tree_map_with_path(one, tree, names)
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence = LOGICAL_RULES) -> NamedSharding:
@@ -226,12 +226,3 @@ def initialize_distributed(
     coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
   )
   log.info("process %d of %d", jax.process_index(), jax.process_count())
-
-
-def describe(tree: Any) -> dict[str, str]:
-  """`{path: "PartitionSpec(...)"}` of every sharded array leaf (for logs and tests)."""
-  return {
-    path_string(p): str(x.sharding.spec)
-    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    if isinstance(getattr(x, "sharding", None), NamedSharding)
-  }

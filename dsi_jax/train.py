@@ -285,7 +285,13 @@ def run_phase(
     disable=not show_progress or progress.done,
     dynamic_ncols=True,
   )
-  losses: list[jax.Array] = []
+  losses: list[jax.Array] = []  # step losses since the last fold into `progress`
+
+  def fold_losses(losses):
+    progress.loss_sum += float(np.sum(jax.device_get(losses)))
+    progress.loss_count += len(losses)
+    return []
+
   for i in range(num_steps if progress.done else progress.phase_step, num_steps):
     batch = partitioning.global_batch(make_batch(i), mesh)
     with partitioning.axis_rules(mesh):
@@ -295,10 +301,9 @@ def run_phase(
     progress.phase_step = n = i + 1
     stop = False
     if n % eval_every == 0 or n == num_steps:
-      progress.loss_sum += float(np.sum(jax.device_get(losses)))
-      progress.loss_count += len(losses)
+      losses = fold_losses(losses)
       train_loss = progress.loss_sum / progress.loss_count
-      losses, progress.loss_sum, progress.loss_count = [], 0.0, 0
+      progress.loss_sum, progress.loss_count = 0.0, 0
       ev = evaluate_fn(state.params)
       row = {"phase_step": n, "step": int(state.step), "train/loss": train_loss, **ev}
       history.append(row)
@@ -320,9 +325,7 @@ def run_phase(
     if stop or n == num_steps:
       break
     if checkpoints is not None and checkpoints.due(n):
-      progress.loss_sum += float(np.sum(jax.device_get(losses)))
-      progress.loss_count += len(losses)
-      losses = []
+      losses = fold_losses(losses)
       progress.seconds = time.time() - t0
       checkpoints.save(state, best_params, progress)
   bar.close()
@@ -441,8 +444,9 @@ def result_rows(
   return rows
 
 
-def run_fingerprint(model: dsi.DSIModel, input_shape, config: TrainConfig, finetune: bool) -> dict:
-  """What makes two runs the same run (so a rerun resumes rather than starts over).
+def run_fingerprint(model: dsi.DSIModel, params, config: TrainConfig, finetune: bool) -> dict:
+  """What makes two runs the same run (so a rerun resumes rather than starts over): the
+  config, the ids and the shapes of the model's `params`.
 
   The mesh is left out on purpose: a run preempted on one mesh may resume on another.
   """
@@ -450,14 +454,13 @@ def run_fingerprint(model: dsi.DSIModel, input_shape, config: TrainConfig, finet
   for name in ("mesh_data", "mesh_fsdp", "mesh_model", "checkpoint_every", "max_to_keep"):
     settings.pop(name)
   ids = json.dumps(model.docids.to_json(), sort_keys=True).encode()
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_shape))
   return {
     "train_config": settings,
     "finetune": finetune,
     "docids_sha256": hashlib.sha256(ids).hexdigest(),
     "params": {
       partitioning.path_string(p): list(x.shape)
-      for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]
+      for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
     },
   }
 
@@ -512,7 +515,7 @@ def train_dsi(
   if workdir:
     from clu import metric_writers
 
-    fingerprint = run_fingerprint(model, example_inputs(data), config, finetune)
+    fingerprint = run_fingerprint(model, state.params, config, finetune)
     if _prepare_workdir(workdir, fingerprint):
       log.info("Resuming the run in %s", workdir)
     model.docids.save(os.path.join(workdir, "docids.json"))

@@ -31,6 +31,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from dsi_jax import train as train_lib
+from dsi_jax.models import dsi
 from dsi_jax.models.text import l2_normalize, mean_pool
 
 Params = Mapping[str, Any]
@@ -163,11 +165,7 @@ def init_dual_encoder(
   for name, subtree in (pretrained or {}).items():
     if name not in params:
       raise ValueError(f"pretrained {name!r}: the model has no such part ({sorted(params)})")
-    fresh = jax.tree.map(jnp.shape, params[name])
-    given = jax.tree.map(jnp.shape, subtree)
-    if fresh != given:
-      raise ValueError(f"pretrained {name!r} parameters do not fit the model's {name}")
-    params[name] = jax.tree.map(jnp.asarray, subtree)
+    params = dsi.replace_subtree(params, [name], subtree)
   return params
 
 
@@ -313,37 +311,6 @@ def infonce_loss(
 # ----------------------------------------------------------------------------- training
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """The `batch_size` rows of batch `step`: epochs are seeded permutations of the `n` rows, so
-  the batches depend only on `(seed, step)`."""
-  start = step * batch_size
-  out: list[int] = []
-  while len(out) < batch_size:
-    epoch, offset = divmod(start + len(out), n)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-  return np.asarray(out)
-
-
-def make_optimizer(
-  learning_rate: float, *, warmup_steps: int, weight_decay: float, clip_norm: float = 1.0
-) -> optax.GradientTransformation:
-  """AdamW (linear warmup, then constant) with global-norm clipping; weight decay on matrices
-  only (kernels and embeddings, not biases, LayerNorm scales or the temperature), as CLIP."""
-  schedule = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, learning_rate, max(1, warmup_steps)),
-      optax.constant_schedule(learning_rate),
-    ],
-    [max(1, warmup_steps)],
-  )
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-  return optax.chain(
-    optax.clip_by_global_norm(clip_norm),
-    optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask),
-  )
-
-
 @functools.lru_cache(maxsize=8)
 def _train_step(
   model: DualEncoder,
@@ -358,7 +325,9 @@ def _train_step(
   With `freeze_text`, the text tower gets no gradient (its backward pass is not computed) and
   no update (no weight decay either).
   """
-  tx = make_optimizer(learning_rate, warmup_steps=warmup_steps, weight_decay=weight_decay)
+  tx = dsi.make_optimizer(
+    learning_rate, warmup_steps=warmup_steps, weight_decay=weight_decay, decay_matrices_only=True
+  )
 
   def loss_fn(trainable, frozen, batch, rng):
     text_emb, image_emb, log_scale = model.apply(
@@ -405,10 +374,10 @@ def train_dual_encoder(
 ) -> tuple[dict, list[float]]:
   """Trains `model` with the symmetric InfoNCE loss on (caption, image) pairs.
 
-  A plain loop over one jitted AdamW step; batch `i` holds the rows `batch_indices(N,
-  batch_size, i, seed)` (seeded permutations, so runs repeat exactly), dropout keys are
-  `fold_in(PRNGKey(seed), i)`. Pairs of a batch that share an image id are not each other's
-  negatives (`infonce_loss`).
+  A plain loop over one jitted AdamW step; batch `i` holds the rows
+  `dsi_jax.train.epoch_indices(N, batch_size, i, seed)` (seeded permutations, so runs repeat
+  exactly), dropout keys are `fold_in(PRNGKey(seed), i)`. Pairs of a batch that share an
+  image id are not each other's negatives (`infonce_loss`).
 
   Args:
     model: the dual encoder.
@@ -469,7 +438,7 @@ def train_dual_encoder(
   losses: list[jax.Array] = []
   bar = tqdm(range(steps), desc="dual encoder", leave=False, disable=not show_progress)
   for i in bar:
-    rows = batch_indices(n, batch_size, i, seed)
+    rows = train_lib.epoch_indices(n, batch_size, i, seed)
     batch = {
       "tokens": jnp.asarray(captions_tokens[rows], jnp.int32),
       "images": jnp.asarray(np.asarray(images[rows], np.float32)),

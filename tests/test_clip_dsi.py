@@ -125,3 +125,64 @@ def test_frozen_towers_keep_their_values_for_the_first_steps():
   assert same(leaves(states[2], "text_tower"), leaves(states[0], "text_tower"))  # 2 frozen steps
   assert not same(leaves(states[3], "text_tower"), leaves(states[2], "text_tower"))  # then trains
   assert not same(leaves(states[2], "image_tower"), leaves(states[0], "image_tower"))
+
+
+def test_contrastive_loss_pairs_captions_with_their_images():
+  ids = docids_lib.random_ids([f"img{i}" for i in range(8)], num_codes=4)
+  data = caption_data()
+  plain, contrastive = tiny_clip_dsi(ids), tiny_clip_dsi(ids)
+  contrastive.contrastive_weight = 0.5
+  params = plain.init(jax.random.PRNGKey(0), train_lib.example_inputs(data))
+  config = train_lib.TrainConfig(batch_size=8)
+  mesh = partitioning.make_mesh()
+  targets = ids.targets()
+  batch = train_lib.mixed_batches(data, targets, config, mesh, paired=True)(3)
+  queries, items = batch["inputs"]
+  q_targets, i_targets = batch["targets"]
+  np.testing.assert_array_equal(q_targets, i_targets)  # row i: a caption and its own image
+  for q, image in zip(queries, items):  # caption word 10 + i names image i
+    np.testing.assert_array_equal(image, data.index_inputs[q[1] - 10])
+  unpaired = train_lib.mixed_batches(data, targets, config, mesh)(3)
+  assert not np.array_equal(unpaired["targets"][0], unpaired["targets"][1])
+
+  loss0, aux0 = plain.loss_fn(params, batch, None)
+  loss1, aux1 = contrastive.loss_fn(params, batch, None)
+  assert "contrastive_loss" not in aux0
+  np.testing.assert_allclose(aux1["id_loss"], loss0, rtol=1e-6)
+  # InfoNCE on the (token-masked) means of the two towers' (adapted) outputs, temperature 0.05.
+  (_, enc_aux) = plain.network.apply(
+    {"params": params}, batch["inputs"], method=dsi.DSINetwork.encode
+  )
+  p = enc_aux["pooled"] / np.linalg.norm(enc_aux["pooled"], axis=-1, keepdims=True)
+  logits = np.array(p[:4] @ p[4:].T / 0.05)
+  shared = (q_targets[:, None] == q_targets[None]).all(-1) & ~np.eye(4, dtype=bool)
+  logits[shared] = -np.inf  # two captions of one image are not each other's negatives
+  expected = 0.5 * (
+    np.mean(jax.nn.logsumexp(logits, 1) - np.diag(logits))
+    + np.mean(jax.nn.logsumexp(logits, 0) - np.diag(logits))
+  )
+  np.testing.assert_allclose(aux1["contrastive_loss"], expected, rtol=1e-4)
+  np.testing.assert_allclose(loss1, loss0 + 0.5 * expected, rtol=1e-5)
+  # The contrastive term trains both towers.
+  grads = jax.grad(lambda pr: contrastive.loss_fn(pr, batch, None)[1]["contrastive_loss"])(params)
+  for tower in ("text_tower", "image_tower"):
+    assert any(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(grads["encoder"][tower]))
+
+
+def test_lr_multipliers_scale_the_updates_of_a_subtree():
+  params = {
+    "encoder": {"text_tower": {"kernel": jnp.ones((2, 3))}, "text_tower_norm": jnp.ones(3)},
+    "decoder": {"kernel": jnp.ones((3, 2))},
+  }
+  grads = jax.tree_util.tree_map(
+    lambda x: jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape), params
+  )
+  base = dsi.make_optimizer(1e-2, warmup_steps=1)
+  scaled = dsi.make_optimizer(1e-2, warmup_steps=1, lr_multipliers=(("encoder/text_tower", 0.1),))
+  u0, _ = base.update(grads, base.init(params), params)
+  u1, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(
+    u1["encoder"]["text_tower"]["kernel"], 0.1 * u0["encoder"]["text_tower"]["kernel"], rtol=1e-6
+  )
+  np.testing.assert_array_equal(u1["encoder"]["text_tower_norm"], u0["encoder"]["text_tower_norm"])
+  np.testing.assert_array_equal(u1["decoder"]["kernel"], u0["decoder"]["kernel"])

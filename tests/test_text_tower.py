@@ -148,3 +148,26 @@ def test_missing_or_corrupt_files_give_one_line_errors(tmp_path):
   os.remove(folder / "config.json")
   with pytest.raises(FileNotFoundError, match="config.json"):
     text.load_minilm(folder)
+
+
+def test_frozen_minilm_dsi_scores_as_the_full_model_with_its_decoder(minilm):
+  """The decoder trained on precomputed MiniLM outputs runs unchanged under the full model."""
+  from dsi_jax import docids as docids_lib
+  from dsi_jax.models import dsi
+
+  ids = docids_lib.random_ids([f"d{i}" for i in range(12)], num_codes=4)
+  full, tokenizer = dsi.make_minilm_dsi(ids, decoder_depth=1, decoder_mlp_dim=64, num_heads=2)
+  frozen, _ = dsi.make_minilm_dsi(
+    ids, frozen=True, decoder_depth=1, decoder_mlp_dim=64, num_heads=2
+  )
+  tokens, _ = text.tokenize(tokenizer, SENTENCES, max_length=24)
+  states = frozen.input_encoder(tokens, batch_size=3)  # a ragged last batch
+  assert states.shape == (*tokens.shape, 384)
+  np.testing.assert_array_equal(np.any(states != 0, -1), tokens != 0)
+  decoder_params = frozen.init(jax.random.PRNGKey(1), states.shape)
+  assert set(decoder_params) == {"decoder"}  # nothing of MiniLM is trained
+  full_params = full.init(jax.random.PRNGKey(0), tokens.shape)
+  full_params = {**full_params, "decoder": decoder_params["decoder"]}
+  np.testing.assert_allclose(
+    frozen.score_all(decoder_params, states), full.score_all(full_params, tokens), atol=1e-4
+  )

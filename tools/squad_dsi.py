@@ -4,7 +4,8 @@
 DSI_JAX_SQUAD_FILE=path/to/dev-v1.1.json python tools/squad_dsi.py export --out squad_data
 # 2. train (only JAX, Flax, optax, tokenizers and safetensors needed; a GPU helps):
 python tools/squad_dsi.py train --data squad_data --out squad_runs [--schemes semantic rq]
-# (--model t5 on both: SentencePiece pieces and T5-DSI trained from scratch)
+# (--model t5 on both: SentencePiece pieces and T5-DSI trained from scratch;
+#  --frozen-encoder: MiniLM frozen, its outputs computed once, the decoder trained: CPU-sized)
 # 3. baselines on the same test questions, then one table:
 python tools/squad_dsi.py baselines --data squad_data --out squad_runs
 python tools/squad_dsi.py table --out squad_runs
@@ -38,6 +39,14 @@ def main(argv=None) -> int:
   p.add_argument("--model", choices=models, default="minilm", help=model_help)
   p.add_argument("--minilm", default=None, help="MiniLM folder (default: the installed package)")
   p.add_argument("--quick", action="store_true", help="a few steps only (a smoke run)")
+  p.add_argument(
+    "--frozen-encoder",
+    action="store_true",
+    help="MiniLM frozen: train the docid decoder on its outputs, computed once (CPU-sized)",
+  )
+  p.add_argument("--index-steps", type=int, default=None, help="cap of the indexing phase")
+  p.add_argument("--finetune-steps", type=int, default=None, help="cap of the fine-tuning phase")
+  p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
   p = sub.add_parser("baselines", help="BM25 and the zero-shot MiniLM dual encoder")
   p.add_argument("--data", required=True)
   p.add_argument("--out", required=True)
@@ -56,14 +65,29 @@ def main(argv=None) -> int:
     return 0
   os.makedirs(args.out, exist_ok=True)
   if args.command == "train":
+    import dataclasses
+
     import jax
 
+    if args.frozen_encoder and args.model != "minilm":
+      parser.error("--frozen-encoder needs --model minilm (T5-DSI trains from scratch)")
+    config = squad.default_config(args.quick, args.model)
+    for field, value in (
+      ("index_max_steps", args.index_steps),
+      ("finetune_max_steps", args.finetune_steps),
+      ("index_eval_every", args.eval_every),
+      ("finetune_eval_every", args.eval_every),
+    ):
+      if value is not None:
+        config = dataclasses.replace(config, **{field: value})
+    suffix = "_frozen" if args.frozen_encoder else ""
     for scheme in schemes:
       rows = squad.run(
         os.path.join(args.data, _folder(scheme, args.model)),
-        config=squad.default_config(args.quick),
+        config=config,
+        frozen_encoder=args.frozen_encoder,
         minilm_path=args.minilm,
-        show_progress=False,
+        show_progress=True,
         max_eval_queries=64 if args.quick else None,
         # A smoke run: a tiny T5 (T5.1.1 small is 48M parameters, slow on a CPU).
         t5_sizes=dict(width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=128)
@@ -72,7 +96,7 @@ def main(argv=None) -> int:
       )
       for r in rows:
         r["device"] = str(jax.devices()[0].device_kind)
-      _write(os.path.join(args.out, f"dsi_{_folder(scheme, args.model)}.json"), rows)
+      _write(os.path.join(args.out, f"dsi_{_folder(scheme, args.model)}{suffix}.json"), rows)
       print(json.dumps(rows), flush=True)
     return 0
   if args.command == "baselines":

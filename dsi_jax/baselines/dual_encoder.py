@@ -318,6 +318,7 @@ def _train_step(
   warmup_steps: int,
   weight_decay: float,
   freeze_text: bool,
+  text_lr_multiplier: float = 1.0,
 ):
   """The optimizer and one jitted update `(params, opt_state, batch, rng, step) -> (params,
   opt_state, loss)`; cached, so runs with the same model and settings compile once.
@@ -326,7 +327,11 @@ def _train_step(
   no update (no weight decay either).
   """
   tx = dsi.make_optimizer(
-    learning_rate, warmup_steps=warmup_steps, weight_decay=weight_decay, decay_matrices_only=True
+    learning_rate,
+    warmup_steps=warmup_steps,
+    weight_decay=weight_decay,
+    decay_matrices_only=True,
+    lr_multipliers=(("text_tower", text_lr_multiplier),) if text_lr_multiplier != 1.0 else (),
   )
 
   def loss_fn(trainable, frozen, batch, rng):
@@ -371,6 +376,7 @@ def train_dual_encoder(
   freeze_text_steps: int = 0,
   warmup_steps: int | None = None,
   weight_decay: float = 0.1,
+  text_lr_multiplier: float = 1.0,
 ) -> tuple[dict, list[float]]:
   """Trains `model` with the symmetric InfoNCE loss on (caption, image) pairs.
 
@@ -397,6 +403,8 @@ def train_dual_encoder(
       text tower start at zero when it thaws, which acts as a short warmup.
     warmup_steps: linear warmup of the rate; default `min(100, steps // 10)`.
     weight_decay: AdamW's decoupled weight decay on matrices (CLIP: 0.1 to 0.2).
+    text_lr_multiplier: the text tower's rate is `learning_rate * text_lr_multiplier` (a
+      pretrained tower under fresh layers usually wants a smaller one).
 
   Returns:
     `(params, losses)`: the trained parameters and the loss of every step.
@@ -425,12 +433,12 @@ def train_dual_encoder(
   if warmup_steps is None:
     warmup_steps = min(100, steps // 10)
   settings = (model, float(learning_rate), int(warmup_steps), float(weight_decay))
-  tx, _ = _train_step(*settings, False)
+  tx, _ = _train_step(*settings, False, float(text_lr_multiplier))
   params = jax.tree.map(jnp.array, dict(params))  # a copy: the step donates its buffers
   opt_state = tx.init(params)
   # Two compiled steps at most: with the text tower frozen (the first steps) and without.
   step_fns = {
-    frozen: _train_step(*settings, frozen)[1]
+    frozen: _train_step(*settings, frozen, float(text_lr_multiplier))[1]
     for frozen in (True, False)
     if (freeze_text_steps > 0 if frozen else freeze_text_steps < steps)
   }

@@ -5,7 +5,8 @@ model contract around them (`loss_fn`, `predict_batch`, `score_batch`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -97,10 +98,54 @@ def make_vit_dsi(
   return DSINetwork(encoder=encoder, decoder=decoder)
 
 
+class PrecomputedEncoder(nn.Module):
+  """The outputs of a frozen encoder, computed once (`encode_frozen`) rather than every step.
+
+  inputs: `[b, len, d]` states whose padded positions are exactly zero (a real token's state,
+  after a LayerNorm, never is); returns them with the mask of the non-zero positions. Training
+  then costs the decoder only.
+  """
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool = False):
+    del train
+    return inputs, {"mask": jnp.any(inputs != 0, axis=-1)}
+
+
+def encode_frozen(
+  encoder: nn.Module,
+  params: Params,
+  tokens: np.ndarray,
+  *,
+  pad_id: int,
+  batch_size: int = 128,
+  show_progress: bool = False,
+) -> np.ndarray:
+  """`[n, len, d]` float32 outputs of `encoder` (e.g. MiniLM) for token ids `[n, len]`, padded
+  positions set to zero: the inputs of a network whose encoder is `PrecomputedEncoder`."""
+  from tqdm.auto import tqdm
+
+  tokens = np.asarray(tokens)
+  fn = jax.jit(
+    lambda p, t: jnp.where((t != pad_id)[..., None], encoder.apply({"params": p}, t)[0], 0.0)
+  )
+  out = []
+  starts = range(0, len(tokens), batch_size)
+  for start in tqdm(starts, desc="encoding", leave=False, disable=not show_progress):
+    chunk = tokens[start : start + batch_size]
+    pad = batch_size - len(chunk)  # one shape: one compilation
+    chunk = np.concatenate([chunk, np.full((pad, *chunk.shape[1:]), pad_id, chunk.dtype)])
+    out.append(np.asarray(fn(params, chunk), np.float32)[: batch_size - pad])
+  if not out:
+    return np.zeros((0, tokens.shape[1], 0), np.float32)
+  return np.concatenate(out)
+
+
 def make_minilm_dsi(
   docids: docids_lib.DocidMap,
   *,
   path: str | None = None,
+  frozen: bool = False,
   decoder_depth: int = 3,
   decoder_mlp_dim: int = 1536,
   num_heads: int = 12,
@@ -111,6 +156,11 @@ def make_minilm_dsi(
 
   The encoder starts from the real MiniLM weights (`dsi_jax.models.text.load_minilm`); the
   docid decoder (width 384, cross-attending to the unpadded word pieces) starts fresh.
+
+  frozen: MiniLM is not trained. The network then reads MiniLM's outputs, computed once
+    (`PrecomputedEncoder`): turn token ids into its inputs with `model.input_encoder(tokens)`.
+    Its parameters are the decoder's only, the same tree as the trainable model's `decoder`,
+    so a frozen-trained decoder also runs under the full model with MiniLM's weights.
   """
   from dsi_jax.models import text
 
@@ -126,6 +176,12 @@ def make_minilm_dsi(
     dropout=dropout,
     dtype=dtype,
   )
+  if frozen:
+    model = DSIModel(DSINetwork(encoder=PrecomputedEncoder(), decoder=decoder), docids)
+    model.input_encoder = functools.partial(
+      encode_frozen, encoder, encoder_params, pad_id=cfg.pad_token_id
+    )
+    return model, tokenizer
   network = DSINetwork(encoder=encoder, decoder=decoder, pad_id=cfg.pad_token_id)
   return DSIModel(network, docids, pretrained={"encoder": encoder_params}), tokenizer
 
@@ -241,6 +297,8 @@ class DSIModel:
     *,
     exact_max_ids: int = 4096,
     pretrained: Mapping[str, Any] | None = None,
+    contrastive_weight: float = 0.0,
+    contrastive_temperature: float = 0.05,
   ):
     """Args:
     network: the encoder-decoder.
@@ -249,6 +307,12 @@ class DSIModel:
     pretrained: parameter subtrees that replace freshly initialised ones in `init`, by path,
       e.g. `{"encoder": minilm_params}` or `{"encoder/text_tower": minilm_params}` (shapes must
       match).
+    contrastive_weight: CLIP-DSI's optional contrastive loss between the towers, added to the
+      id loss with this weight. It applies to batches of two kinds, `inputs = (queries, items)`
+      whose first rows are pairs (query i and item i: the trainer's paired batches): an InfoNCE
+      loss on the encoder's pooled embeddings (`aux["pooled"]`), pairs with the same id not each
+      other's negatives.
+    contrastive_temperature: its softmax temperature (on cosine similarities).
     """
     self.network = network
     self.docids = docids
@@ -257,6 +321,11 @@ class DSIModel:
     self.trie = trie_lib.build_trie(docids)
     self.all_targets = jnp.asarray(docids.targets())  # [num_ids, max_length]
     self.exact_max_ids = exact_max_ids
+    self.contrastive_weight = float(contrastive_weight)
+    # Where the network reads precomputed inputs (a frozen encoder's outputs), the function that
+    # turns raw inputs (token ids) into them; set by such factories (`make_minilm_dsi(frozen=)`).
+    self.input_encoder: Any = None
+    self.contrastive_temperature = float(contrastive_temperature)
     self._score_all = jax.jit(self._score_all_impl, static_argnames=("chunk",))
     self._predict = jax.jit(self._predict_impl, static_argnames=("num_beams",))
     self._score = jax.jit(self._score_impl)
@@ -289,18 +358,38 @@ class DSIModel:
     """Token cross-entropy over id tokens and eos. Returns `(loss, aux metrics)`."""
     train = dropout_rng is not None
     rngs = {"dropout": dropout_rng} if train else {}
-    targets = batch["targets"]
-    if isinstance(targets, tuple | list):  # parts of several kinds of input, in their order
-      targets = jnp.concatenate(targets)
-    logits = self.network.apply(
-      {"params": params}, batch["inputs"], shift_right(targets), train=train, rngs=rngs
-    )
+    parts = batch["targets"]
+    targets = parts
+    if isinstance(parts, tuple | list):  # parts of several kinds of input, in their order
+      targets = jnp.concatenate(parts)
+    apply = functools.partial(self.network.apply, {"params": params}, train=train, rngs=rngs)
+    encoded, enc_aux = apply(batch["inputs"], method=DSINetwork.encode)
+    logits = apply(encoded, shift_right(targets), method=DSINetwork.decode)
     ll = token_log_likelihood(logits, targets)
     weights = (targets != docids_lib.PAD).astype(jnp.float32)
     loss = -jnp.sum(ll) / jnp.maximum(jnp.sum(weights), 1.0)
     correct = (jnp.argmax(logits, -1) == targets) | (targets == docids_lib.PAD)
-    aux = {"loss": loss, "sequence_accuracy": jnp.mean(jnp.all(correct, axis=-1))}
+    aux = {"id_loss": loss, "sequence_accuracy": jnp.mean(jnp.all(correct, axis=-1))}
+    if self.contrastive_weight > 0 and isinstance(parts, tuple | list) and len(parts) == 2:
+      contrastive = self._contrastive_loss(enc_aux["pooled"], parts)
+      loss = loss + self.contrastive_weight * contrastive
+      aux["contrastive_loss"] = contrastive
+    aux["loss"] = loss
     return loss, aux
+
+  def _contrastive_loss(self, pooled: jax.Array, parts) -> jax.Array:
+    """InfoNCE between the first rows of the two parts (query i pairs with item i)."""
+    from dsi_jax.baselines.dual_encoder import infonce_loss  # it imports this module
+    from dsi_jax.models.text import l2_normalize
+
+    n_q, n_i = parts[0].shape[0], parts[1].shape[0]
+    n = min(n_q, n_i)
+    rows = parts[1][:n]
+    # One integer per id: the first row of the pairs with the same target tokens.
+    same = jnp.all(rows[:, None, :] == rows[None, :, :], axis=-1)
+    ids = jnp.argmax(same, axis=1)
+    queries, items = l2_normalize(pooled[:n]), l2_normalize(pooled[n_q : n_q + n])
+    return infonce_loss(queries, items, -jnp.log(self.contrastive_temperature), ids)
 
   def score_batch(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
     """`[batch]` log-likelihood of each `targets` row given its `inputs`."""
@@ -413,11 +502,16 @@ def make_optimizer(
   weight_decay: float = 1e-4,
   clip_norm: float = 1.0,
   decay_matrices_only: bool = False,
+  lr_multipliers: Sequence[tuple[str, float]] = (),
 ) -> optax.GradientTransformation:
   """AdamW with linear warmup then a constant rate, and global-norm clipping.
 
   decay_matrices_only: weight decay on kernels and embeddings only (not biases, LayerNorm
-  scales or scalars such as a temperature), as CLIP trains.
+    scales or scalars such as a temperature), as CLIP trains.
+  lr_multipliers: `(path, factor)` pairs: the updates (rate and weight decay) of the parameter
+    subtrees under `path` (e.g. "encoder/text_tower") are scaled by `factor`; the first matching
+    path wins. Pretrained towers usually want a smaller rate than fresh layers: at 3e-4, the
+    borrowed MiniLM tower of CLIP-DSI collapsed to one output for every caption.
   """
   schedule = optax.join_schedules(
     [
@@ -426,12 +520,42 @@ def make_optimizer(
     ],
     [max(1, warmup_steps)],
   )
-  return optax.chain(
+  chain = [
     optax.clip_by_global_norm(clip_norm),
     optax.adamw(
       schedule, weight_decay=weight_decay, mask=_matrices if decay_matrices_only else None
     ),
-  )
+  ]
+  if lr_multipliers:
+    chain.append(scale_by_path(lr_multipliers))
+  return optax.chain(*chain)
+
+
+def path_matcher(paths: Sequence[str]):
+  """`match(name) -> index of the first of paths that is a subtree of name, or None`; paths are
+  "/"-separated (e.g. "encoder" matches "encoder/Transformer/..." but not "encoder_norm")."""
+  patterns = [re.compile(rf"(^|/){re.escape(p.strip('/'))}(/|$)") for p in paths]
+
+  def match(name: str) -> int | None:
+    return next((i for i, p in enumerate(patterns) if p.search(name)), None)
+
+  return match
+
+
+def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+  """Scales the updates of the parameters under each `(path, factor)` by factor (stateless)."""
+  multipliers = tuple((str(p), float(f)) for p, f in multipliers)
+  match = path_matcher([p for p, _ in multipliers])
+
+  def factor(path) -> float:
+    i = match(jax.tree_util.keystr(tuple(path), simple=True, separator="/"))
+    return 1.0 if i is None else multipliers[i][1]
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def _matrices(params):

@@ -115,7 +115,12 @@ def restore_params(directory: str, template_params: Any) -> Any:
   """
   directory = os.path.abspath(directory)
   target = _abstract(template_params)
-  with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:
+  handlers = {  # known handlers: orbax then reads the metadata without a warning per item
+    "state": ocp.PyTreeCheckpointHandler(),
+    "best": ocp.StandardCheckpointHandler(),
+    "progress": ocp.JsonCheckpointHandler(),
+  }
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"{directory}: no checkpoint found")

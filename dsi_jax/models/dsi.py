@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsi_jax import decoding
+from dsi_jax import decoding, partitioning
 from dsi_jax import docids as docids_lib
 from dsi_jax import trie as trie_lib
 from dsi_jax.models.decoder import DocidDecoder
@@ -548,7 +548,7 @@ def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTra
   match = path_matcher([p for p, _ in multipliers])
 
   def factor(path) -> float:
-    i = match(jax.tree_util.keystr(tuple(path), simple=True, separator="/"))
+    i = match(partitioning.path_string(path))
     return 1.0 if i is None else multipliers[i][1]
 
   def update_fn(updates, state, params=None):

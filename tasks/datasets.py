@@ -5,7 +5,8 @@ Names are `dsi_jax_<corpus>_<ids>` (the mixture), `..._indexing` and `..._retrie
   dsi_jax_fmnist{512,1024,2048}_{random,clustered}   Fashion-MNIST, same class = relevant
   dsi_jax_imagefolder{512,1024,2048}_{random,clustered}  an ImageNet-layout folder
   dsi_jax_coco{512,1024,2048}_random                  COCO 2017 val, shared category = relevant
-  dsi_jax_flickr8k1k_random, dsi_jax_flickr30k1k_random  captions -> their image
+  dsi_jax_flickr{8k,30k}1k_{random,atomic,semantic}  captions -> their image (semantic ids
+                                                      from the training captions' MiniLM embeddings)
   dsi_jax_squad_{random,naive,atomic,semantic,rq}     SQuAD v1.1 dev, question -> paragraph
                                                       (MiniLM word pieces)
   dsi_jax_squad_{random,naive,atomic,semantic,rq}_spm the same corpus and ids in SentencePiece
@@ -235,16 +236,53 @@ def sentencepiece_vocabulary(
 
 
 def item_embeddings(corpus: corpus_lib.Corpus, images=None, texts=None) -> np.ndarray:
-  """Embeddings of the indexed items for semantic / rq ids: MiniLM sentence embeddings of
-  texts; for images, their pixels (a flattened, centred vector; a trained image tower would
-  do better)."""
+  """Embeddings of the indexed items for semantic / rq ids.
+
+  - Texts (`texts`): MiniLM sentence embeddings of the texts.
+  - Images whose queries are captions (Flickr, COCO captions): the mean MiniLM embedding of
+    each image's *training* captions (validation and test captions are never read), so ids
+    share prefixes where captions share meaning and a caption's id is predictable from it.
+  - Other images: their pixels (a flattened, centred vector; a trained image tower would do
+    better).
+  """
   if texts is not None:
     from dsi_jax.models import text
 
     model, params, tokenizer = text.load_minilm()
     return text.embed_texts(model, params, tokenizer, [texts[k] for k in corpus.indexed])
+  train = corpus.split("train")
+  if train and all(q.text is not None for q in train):
+    return caption_embeddings(corpus)
   x = np.stack([images[k].reshape(-1) for k in corpus.indexed]).astype(np.float32)
   return x - x.mean(axis=0)
+
+
+def caption_embeddings(corpus: corpus_lib.Corpus, *, text_encoder=None) -> np.ndarray:
+  """`[num_indexed, dim]`: per indexed item, the L2-normalised mean of the MiniLM embeddings
+  of the training captions whose relevant items include it. `text_encoder(texts) -> [n, dim]`
+  replaces MiniLM (tests)."""
+  if text_encoder is None:
+    from dsi_jax.models import text
+
+    model, params, tokenizer = text.load_minilm()
+
+    def text_encoder(texts):
+      return text.embed_texts(model, params, tokenizer, texts)
+
+  row = {k: i for i, k in enumerate(corpus.indexed)}
+  train = corpus.split("train")
+  emb = np.asarray(text_encoder([q.text for q in train]), np.float32)
+  total = np.zeros((len(row), emb.shape[1]), np.float32)
+  count = np.zeros(len(row), np.int64)
+  for q, e in zip(train, emb, strict=True):
+    for key in q.relevant:
+      total[row[key]] += e
+      count[row[key]] += 1
+  if not count.all():
+    key = corpus.indexed[int(np.argmin(count))]
+    raise ValueError(f"item {key!r} has no training caption: cannot embed it by its captions")
+  total /= count[:, None]
+  return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
 
 
 def load_corpus_data(
@@ -262,6 +300,10 @@ def load_corpus_data(
   saved = corpus_dir and os.path.isfile(os.path.join(corpus_dir, corpus_lib.CORPUS_FILE))
   if saved:
     corpus, docids = corpus_lib.load_corpus(corpus_dir)
+    if docids.scheme != scheme:
+      raise ValueError(
+        f"{corpus_dir}: holds {docids.scheme!r} ids, not {scheme!r}; use another folder"
+      )
   else:
     corpus, docids = sample(source, builder, num_items, seed), None
   images = texts = None
@@ -306,7 +348,8 @@ def register(
   Args:
     corpus: a key of `SOURCES` ("fmnist", "coco", "flickr8k", "squad", ...).
     num_items: corpus size (None: the whole split).
-    scheme: docid scheme ("random", "clustered").
+    scheme: docid scheme (`docids.SCHEMES`; "semantic" / "rq" need item embeddings, see
+      `item_embeddings`).
     seed: sampling and id seed.
     name: task-name prefix (default `dsi_jax_<corpus><num_items>_<scheme>`, plus `_spm` for
       SentencePiece tokens).
@@ -369,8 +412,9 @@ def register_all() -> None:
       register("fmnist", num_items=size, scheme=scheme)
       register("imagefolder", num_items=size, scheme=scheme)
     register("coco", num_items=size, scheme="random")
-  register("flickr8k", num_items=1000, scheme="random", name="dsi_jax_flickr8k1k_random")
-  register("flickr30k", num_items=1000, scheme="random", name="dsi_jax_flickr30k1k_random")
+  for scheme in ("random", "atomic", "semantic"):
+    register("flickr8k", num_items=1000, scheme=scheme, name=f"dsi_jax_flickr8k1k_{scheme}")
+    register("flickr30k", num_items=1000, scheme=scheme, name=f"dsi_jax_flickr30k1k_{scheme}")
   for scheme in ("random", "naive", "atomic", "semantic", "rq"):
     for tokenizer in TOKENIZERS:
       register("squad", num_items=None, scheme=scheme, tokenizer=tokenizer)

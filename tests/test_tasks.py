@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import gin
 import numpy as np
@@ -144,7 +145,8 @@ def test_every_seed_setting_is_registered_and_a_gin_import_works():
       assert f"dsi_jax_fmnist{size}_{ids}" in names
       assert f"dsi_jax_imagefolder{size}_{ids}" in names
     assert f"dsi_jax_coco{size}_random" in names
-  for name in ("dsi_jax_flickr8k1k_random", "dsi_jax_flickr30k1k_random", "dsi_jax_squad_random"):
+  flickr = [f"dsi_jax_flickr{c}1k_{ids}" for c in ("8k", "30k") for ids in ("random", "semantic")]
+  for name in (*flickr, "dsi_jax_squad_random"):
     assert name in names
     assert f"{name}_indexing" in seqio.TaskRegistry.names()
     assert f"{name}_retrieval" in seqio.TaskRegistry.names()
@@ -176,6 +178,69 @@ def test_fashion_mnist_tasks_sample_once_and_persist_the_corpus(tmp_path):
     corpus_dir=tmp_path / "c",
   )
   assert tasks.corpus_data("test_fmnist60b").corpus == saved
+  # Asked for other ids than the saved ones: a one-line error, not the saved ids in silence.
+  task_datasets.register(
+    "fmnist", num_items=60, scheme="random", name="test_fmnist60c", corpus_dir=tmp_path / "c"
+  )
+  with pytest.raises(ValueError, match="holds 'clustered' ids, not 'random'"):
+    tasks.corpus_data("test_fmnist60c")
+
+
+def _topic_captions(n):
+  """Images 0, 2, 4, ... are about dogs, 1, 3, 5, ... about surfing; 5 captions each."""
+  dogs = [
+    "a brown dog runs across the grass",
+    "a puppy plays fetch with a ball in the park",
+    "two dogs chase each other on a lawn",
+    "a dog jumps to catch a frisbee",
+    "a black dog carries a stick in its mouth",
+  ]
+  surf = [
+    "a surfer rides a large wave",
+    "a man on a surfboard in the ocean",
+    "a person surfing a breaking wave at sea",
+    "a surfer paddles out past the waves",
+    "a woman falls off her surfboard into the water",
+  ]
+  return [[f"{c} ({i})" for c in (dogs if i % 2 == 0 else surf)] for i in range(n)]
+
+
+def test_caption_embeddings_average_only_the_training_captions():
+  keys = [f"img{i}.jpg" for i in range(6)]
+  captions = _topic_captions(6)
+  corpus = corpus_lib.caption_corpus(keys, captions, num_items=6, seed=0)
+  seen = []
+
+  def encoder(texts):  # a stand-in text encoder: one random vector per distinct text
+    seen.extend(texts)
+    return np.stack([np.random.default_rng(zlib.crc32(t.encode())).normal(size=8) for t in texts])
+
+  emb = task_datasets.caption_embeddings(corpus, text_encoder=encoder)
+  assert emb.shape == (6, 8)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+  assert set(seen) == {q.text for q in corpus.split("train")}  # never a val / test caption
+  for row, key in enumerate(corpus.indexed):
+    own = [q.text for q in corpus.split("train") if q.relevant == (key,)]
+    mean = encoder(own).mean(axis=0)
+    np.testing.assert_allclose(emb[row], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+  # An image without a training caption cannot be embedded by its captions.
+  bare = corpus_lib.caption_corpus(keys, [*captions[:5], []], num_items=6, seed=0)
+  with pytest.raises(ValueError, match="'img5.jpg' has no training caption"):
+    task_datasets.caption_embeddings(bare, text_encoder=encoder)
+
+
+def test_caption_semantic_ids_share_prefixes_within_a_topic():
+  from dsi_jax import docids as docids_lib
+
+  keys = [f"img{i}.jpg" for i in range(12)]
+  corpus = corpus_lib.caption_corpus(keys, _topic_captions(12), num_items=12, seed=0)
+  # Real MiniLM embeddings of the training captions; pixels are not read.
+  emb = task_datasets.item_embeddings(corpus, images=None)
+  ids = docids_lib.semantic_ids(corpus.indexed, emb, k=2, c=6)
+  first = {key: ids.codes[i][0] for i, key in enumerate(ids.keys)}
+  dogs = {first[k] for k in keys[0::2]}
+  surf = {first[k] for k in keys[1::2]}
+  assert len(dogs) == 1 and len(surf) == 1 and dogs != surf
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="Fashion-MNIST not installed")

@@ -186,3 +186,36 @@ def test_lr_multipliers_scale_the_updates_of_a_subtree():
   )
   np.testing.assert_array_equal(u1["encoder"]["text_tower_norm"], u0["encoder"]["text_tower_norm"])
   np.testing.assert_array_equal(u1["decoder"]["kernel"], u0["decoder"]["kernel"])
+
+
+def test_caption_prototypes_rank_an_image_by_its_training_captions():
+  import types
+
+  from dsi_jax import flickr
+  from dsi_jax.data import corpus as corpus_lib
+
+  things = ["dog", "guitar", "sailing boat", "bicycle", "birthday cake", "snowy mountain"]
+  captions = [
+    [
+      f"a {t} in the picture",
+      f"a photo of a {t}",
+      f"there is a {t} here",
+      f"the {t} is outside",
+      f"someone looks at a {t}",  # the test caption, never seen by the prototypes
+    ]
+    for t in things
+  ]
+  keys = [f"img{i}.jpg" for i in range(len(things))]
+  corpus = corpus_lib.caption_corpus(keys, captions, num_items=len(keys), seed=0)
+  index = {k: i for i, k in enumerate(corpus.indexed)}
+  test = corpus.split("test")
+  data = types.SimpleNamespace(
+    test_inputs=np.zeros((len(test), 4), np.int32),
+    test_relevant=[[index[q.relevant[0]]] for q in test],
+  )
+  row = flickr.caption_prototype_row(corpus, data, db_size=len(keys), num_queries=len(test))
+  assert row["model"] == "caption_prototypes" and row["num_queries"] == len(things)
+  assert row["recall@1"] == 1.0
+  # Wrong images as the relevant ones: the same ranking now misses.
+  data.test_relevant = [[(r[0] + 1) % len(keys)] for r in data.test_relevant]
+  assert flickr.caption_prototype_row(corpus, data, db_size=6, num_queries=6)["recall@1"] == 0.0

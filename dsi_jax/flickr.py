@@ -243,9 +243,13 @@ def caption_prototype_row(corpus, data, **common) -> dict[str, Any]:
 
   t0 = time.time()
   model, params, tokenizer = text.load_minilm()
-  prototypes = task_datasets.caption_embeddings(corpus)
+
+  def embed(texts):
+    return text.embed_texts(model, params, tokenizer, texts)
+
+  prototypes = task_datasets.caption_embeddings(corpus, text_encoder=embed)
   queries = [q.text for q in corpus.split("test")[: len(data.test_inputs)]]
-  scores = text.embed_texts(model, params, tokenizer, queries) @ prototypes.T
+  scores = embed(queries) @ prototypes.T
   top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
   keys = list(corpus.indexed)
   ranked = [[keys[i] for i in row] for row in top]

@@ -260,7 +260,7 @@ def item_embeddings(corpus: corpus_lib.Corpus, images=None, texts=None) -> np.nd
 def caption_embeddings(corpus: corpus_lib.Corpus, *, text_encoder=None) -> np.ndarray:
   """`[num_indexed, dim]`: per indexed item, the L2-normalised mean of the MiniLM embeddings
   of the training captions whose relevant items include it. `text_encoder(texts) -> [n, dim]`
-  replaces MiniLM (tests)."""
+  replaces a fresh MiniLM (a loaded one, or a stand-in in tests)."""
   if text_encoder is None:
     from dsi_jax.models import text
 

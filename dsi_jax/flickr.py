@@ -21,6 +21,7 @@ caption similarity alone goes on this protocol. `run_flickr_experiment` is the g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -118,13 +119,15 @@ def run_flickr_experiment(
     for split in ("val", "test"):
       setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs")[:max_eval_queries])
       setattr(data, f"{split}_relevant", getattr(data, f"{split}_relevant")[:max_eval_queries])
-  text_tower, minilm_params, _ = text.load_minilm(minilm_path)
+  text_tower, minilm_params, tokenizer = text.load_minilm(minilm_path)
   common = dict(
     dataset=f"{corpus}_{num_items}", db_size=len(docids), num_queries=len(data.test_inputs)
   )
   rows = []
   # First, as it takes seconds: the text-only reference.
-  prototypes = caption_prototype_row(tasks.corpus_data(name).corpus, data, **common)
+  prototypes = caption_prototype_row(
+    tasks.corpus_data(name).corpus, data, (text_tower, minilm_params, tokenizer), **common
+  )
 
   # CLIP-DSI.
   network = clip_dsi_network(docids, text_tower, image_tower, width, decoder_depth)
@@ -231,28 +234,24 @@ def run_flickr_experiment(
   return report
 
 
-def caption_prototype_row(corpus, data, **common) -> dict[str, Any]:
-  """A text-only reference: each image is the mean MiniLM embedding of its training captions
-  (pretrained weights, no training, no pixels); a test caption ranks images by cosine.
+def caption_prototype_row(corpus, data, minilm, **common) -> dict[str, Any]:
+  """A text-only reference: each image is the mean embedding of its training captions under
+  `minilm` (`text.load_minilm()`'s `(model, params, tokenizer)`, as it comes: no training, no
+  pixels); a test caption ranks images by cosine.
 
   It measures how much of the task caption -> caption similarity solves on its own: every
   test caption's image has three training captions, so a retriever that memorises them needs
   no image understanding."""
+  from dsi_jax import retrieval
   from dsi_jax.models import text
   from dsi_jax.tasks import datasets as task_datasets
 
   t0 = time.time()
-  model, params, tokenizer = text.load_minilm()
-
-  def embed(texts):
-    return text.embed_texts(model, params, tokenizer, texts)
-
+  embed = functools.partial(text.embed_texts, *minilm)
   prototypes = task_datasets.caption_embeddings(corpus, text_encoder=embed)
   queries = [q.text for q in corpus.split("test")[: len(data.test_inputs)]]
-  scores = embed(queries) @ prototypes.T
-  top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
   keys = list(corpus.indexed)
-  ranked = [[keys[i] for i in row] for row in top]
+  ranked, _ = retrieval.topk_keys(embed(queries) @ prototypes.T, keys, 10)
   relevant = [{keys[i] for i in r} for r in data.test_relevant]
   return {
     **common,

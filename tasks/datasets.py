@@ -264,11 +264,7 @@ def caption_embeddings(corpus: corpus_lib.Corpus, *, text_encoder=None) -> np.nd
   if text_encoder is None:
     from dsi_jax.models import text
 
-    model, params, tokenizer = text.load_minilm()
-
-    def text_encoder(texts):
-      return text.embed_texts(model, params, tokenizer, texts)
-
+    text_encoder = functools.partial(text.embed_texts, *text.load_minilm())
   row = {k: i for i, k in enumerate(corpus.indexed)}
   train = corpus.split("train")
   emb = np.asarray(text_encoder([q.text for q in train]), np.float32)

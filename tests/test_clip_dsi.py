@@ -213,9 +213,12 @@ def test_caption_prototypes_rank_an_image_by_its_training_captions():
     test_inputs=np.zeros((len(test), 4), np.int32),
     test_relevant=[[index[q.relevant[0]]] for q in test],
   )
-  row = flickr.caption_prototype_row(corpus, data, db_size=len(keys), num_queries=len(test))
+  minilm = text.load_minilm()
+  row = flickr.caption_prototype_row(corpus, data, minilm, db_size=len(keys), num_queries=len(test))
   assert row["model"] == "caption_prototypes" and row["num_queries"] == len(things)
   assert row["recall@1"] == 1.0
   # Wrong images as the relevant ones: the same ranking now misses.
   data.test_relevant = [[(r[0] + 1) % len(keys)] for r in data.test_relevant]
-  assert flickr.caption_prototype_row(corpus, data, db_size=6, num_queries=6)["recall@1"] == 0.0
+  assert (
+    flickr.caption_prototype_row(corpus, data, minilm, db_size=6, num_queries=6)["recall@1"] == 0.0
+  )

@@ -16,10 +16,10 @@ def _quiet_logs() -> None:
 
 
 def _demo(args) -> int:
-  from dsi_jax import demo
+  from dsi_jax.experiments import fashion_mnist
 
   seeds = list(range(args.seeds)) if args.seeds > 0 else [0]
-  demo.run_demo(
+  fashion_mnist.run_demo(
     args.out,
     quick=args.quick,
     seeds=[args.seed + s for s in seeds],
@@ -35,16 +35,21 @@ def _gin_entry_point():
   """Registers the gin configurables once per process; returns the experiment to run."""
   import gin
 
-  from dsi_jax import experiment, flickr
   from dsi_jax import train as train_lib
+  from dsi_jax.experiments import fashion_mnist, flickr
 
-  gin.external_configurable(train_lib.TrainConfig, module="dsi_jax")
-  run_experiment = gin.external_configurable(experiment.run_experiment, module="dsi_jax")
+  for cls in (
+    train_lib.TrainConfig,
+    fashion_mnist.FashionMnistConfig,
+    flickr.FlickrConfig,
+    flickr.DualEncoderConfig,
+  ):
+    gin.external_configurable(cls, module="dsi_jax")
+  run_experiment = gin.external_configurable(fashion_mnist.run_experiment, module="dsi_jax")
   gin.external_configurable(flickr.run_flickr_experiment, module="dsi_jax")
   # `include 'gin_configs/...'` lines resolve from the working folder or the project root.
-  gin.add_config_file_search_path(
-    os.path.dirname(os.path.dirname(os.path.abspath(experiment.__file__)))
-  )
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(flickr.__file__))))
+  gin.add_config_file_search_path(root)
 
   def main(experiment=run_experiment):
     """`dsi_jax.main.experiment` names the experiment to run (default: the Fashion-MNIST
@@ -66,11 +71,20 @@ def _train(args) -> int:
 
 
 def _search(args) -> int:
-  from dsi_jax import flickr
+  import json
 
-  hits = flickr.search(args.workdir, caption=args.caption, image=args.image, k=args.k)
-  for rank, (path, score) in enumerate(hits, 1):
-    print(f"{rank:3d}  {score:9.3f}  {path}")
+  from dsi_jax import runs
+
+  if args.k < 1:
+    raise ValueError(f"-k must be >= 1, got {args.k}")
+  run = runs.load_run(args.run, phase=args.phase)
+  texts = [t for t in (args.caption, args.text) if t is not None]
+  hits = run.search(images=[args.image] if args.image else [], texts=texts, k=args.k)[0]
+  if args.json:
+    print(json.dumps(hits))
+    return 0
+  for hit in hits:
+    print(f"{hit['rank']:3d}  {hit['score']:9.3f}  {hit['path'] or hit['key']}")
   return 0
 
 
@@ -114,15 +128,25 @@ def main(argv: list[str] | None = None) -> int:
   p.set_defaults(fn=_train)
 
   p = sub.add_parser(
-    "search", help="top-k images for a caption or an image, from a trained CLIP-DSI workdir"
+    "search",
+    help="top-k items of a trained run for an image, a caption or a text",
+    description="Searches the index of a trained run folder (dsi-jax demo's runs/seedN/vit_dsi_*, "
+    "a gin experiment's workdir, a Flickr or SQuAD run).",
+  )
+  p.add_argument("run", help="a run folder (or a folder holding exactly one run)")
+  query = p.add_mutually_exclusive_group(required=True)
+  query.add_argument("--image", help="an image file as the query (any size, gray, RGB or RGBA)")
+  query.add_argument("--caption", help="a caption as the query (image runs that read text)")
+  query.add_argument("--text", help="a text query (text runs, e.g. SQuAD)")
+  p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+  p.add_argument(
+    "--phase", choices=("fine_tuned", "zero_shot"), default=None, help="default: the last trained"
   )
   p.add_argument(
-    "workdir", help="a run_flickr_experiment workdir (gin_configs/experiments/flickr*)"
+    "--json",
+    action="store_true",
+    help='print [{"rank": 1, "key": ..., "score": ..., "path": ... or null}, ...]',
   )
-  query = p.add_mutually_exclusive_group(required=True)
-  query.add_argument("--caption", help="a text query")
-  query.add_argument("--image", help="an image file as the query")
-  p.add_argument("-k", type=int, default=10, help="how many images (default 10)")
   p.set_defaults(fn=_search)
 
   p = sub.add_parser("table", help="print the results table of a results.json")

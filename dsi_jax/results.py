@@ -7,12 +7,14 @@ apply is null. Every table the project prints is made from such rows.
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import math
 import os
+import platform
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,38 +34,48 @@ _HEADERS = {
   "recall@5": "R@5",
   "recall@10": "R@10",
 }
-GROUP_KEYS = ("model", "setting", "ids", "dataset", "db_size")
+GROUP_KEYS = ("model", "setting", "ids", "dataset", "db_size", "tower")
+# Fields of a row that are neither metrics nor the group: kept from the first seed's row.
+_NOT_METRICS = {"num_queries", "num_indexed", "num_seeds", "seed", "device"}
 
 
 def aggregate(rows: Sequence[dict]) -> list[dict]:
   """Groups per-seed rows by method and reports mean and (population) std over seeds.
 
-  With one seed the rows come back unchanged but for `num_seeds`; with several, each
-  metric holds the mean and `<metric>_std` its standard deviation.
+  Every metric a row carries (IA@k, MAP@k, R@k, Hits@k, MRR@k, whatever k) is kept: with several
+  seeds it holds the mean and `<metric>_std` the standard deviation; a metric that is null in
+  any seed stays null. Other numbers (steps, seconds) are averaged; other fields that agree
+  across seeds are kept.
   """
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
   out = []
   for group in groups.values():
-    row = {k: group[0].get(k) for k in GROUP_KEYS}
+    row = {k: group[0].get(k) for k in GROUP_KEYS if k in group[0] or k != "tower"}
     row["num_queries"] = group[0].get("num_queries")
     row["num_seeds"] = len(group)
-    for m in METRICS + TEXT_METRICS:
-      if all(m not in g for g in group):
-        continue
+    names = [k for k in group[0] if k not in GROUP_KEYS and k not in _NOT_METRICS]
+    for m in names:
       values = [g.get(m) for g in group]
-      if any(v is None for v in values):
-        row[m] = None
+      numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+      if m.endswith("_std") or not numbers:
+        if all(v == values[0] for v in values) and not m.endswith("_std"):
+          row[m] = values[0]  # the same for every seed (e.g. a setting's description)
+        elif any(v is None for v in values) and is_metric(m):
+          row[m] = None
         continue
       row[m] = float(np.mean(values))
-      if len(group) > 1:
+      if len(group) > 1 and is_metric(m):
         row[f"{m}_std"] = float(np.std(values))
-    for extra in ("steps", "seconds"):
-      if all(extra in g for g in group):
-        row[extra] = float(np.mean([g[extra] for g in group]))
     out.append(row)
   return out
+
+
+def is_metric(name: str) -> bool:
+  """Whether a row field is a ranking metric ("map@10", "recall@1", "ia@5", ...)."""
+  prefix, sep, k = name.partition("@")
+  return bool(sep) and k.isdigit() and prefix in ("ia", "map", "recall", "hits", "mrr")
 
 
 def _cell(row: dict, metric: str) -> str:
@@ -91,6 +103,74 @@ def markdown_table(rows: Sequence[dict]) -> str:
       f"| {r['num_queries']}{seeds} | " + " | ".join(_cell(r, m) for m in metrics) + " |"
     )
   return "\n".join(lines)
+
+
+def make_row(
+  *,
+  model: str,
+  setting: str | None,
+  dataset: str,
+  db_size: int,
+  num_queries: int,
+  metrics: Mapping[str, float | None],
+  ids: str | None = None,
+  **extra: Any,
+) -> dict[str, Any]:
+  """One results row: the method (`model`, `setting`, `ids`), the data (`dataset`, `db_size`,
+  `num_queries`), its metric values (None where a metric does not apply), then `extra`
+  fields (`steps`, `seconds`, `seed`, `tower`, ...)."""
+  for name in metrics:
+    if not is_metric(name):
+      raise ValueError(f"{name!r} is not a metric name (like 'map@10')")
+  return {
+    "model": model,
+    "setting": setting,
+    "dataset": dataset,
+    "db_size": db_size,
+    "ids": ids,
+    "num_queries": num_queries,
+    **dict(metrics),
+    **extra,
+  }
+
+
+def machine() -> str:
+  """The machine a result came from, in words: processor, cores and JAX's first device."""
+  import jax
+
+  device = jax.devices()[0]
+  return f"{platform.machine()}, {os.cpu_count()} cores, {device.platform} ({device.device_kind})"
+
+
+def write_report(
+  out_dir: str,
+  rows: Sequence[dict],
+  config: Mapping[str, Any],
+  *,
+  command: str,
+  runs: Sequence[dict] | None = None,
+  quiet: bool = False,
+) -> dict[str, Any]:
+  """The one `results.json` writer: `rows` (aggregated over seeds where `runs` holds the
+  per-seed rows), `config`, `versions`, `command`, `machine` and `date`, written atomically
+  into `out_dir`, with the same table as `results.md`. Prints the table unless `quiet`."""
+  report: dict[str, Any] = {"rows": list(rows)}
+  if runs is not None:
+    report["runs"] = list(runs)
+  report.update(
+    config=dict(config),
+    versions=versions(),
+    command=command,
+    machine=machine(),
+    date=datetime.date.today().isoformat(),
+  )
+  write_json(report, os.path.join(out_dir, "results.json"))
+  table = markdown_table(report["rows"])
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  if not quiet:
+    print(table)
+  return report
 
 
 def versions() -> dict[str, str]:

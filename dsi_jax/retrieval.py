@@ -1,10 +1,17 @@
-"""The retriever interface every method (DSI, BoVW, kNN, ...) answers."""
+"""The retriever interface every method answers, and DSI behind it.
+
+`Retriever.search(queries, k) -> (keys, scores)`: BoVW, pixel kNN, BM25, the dual encoder and a
+trained DSI model (`DSIRetriever`) all answer it, so one harness (`dsi_jax.evaluation`) measures
+them on the same queries.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -15,7 +22,7 @@ class Retriever(Protocol):
   best first, without repeats; `scores[q]` the matching scores (higher is better).
   """
 
-  def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], list[np.ndarray]]: ...
+  def search(self, queries: Any, k: int) -> tuple[list[list[str]], list[np.ndarray]]: ...
 
 
 def topk_keys(
@@ -32,3 +39,68 @@ def topk_keys(
   ranked = [[keys[j] for j in row] for row in order]
   top_scores = [scores[q, row] for q, row in enumerate(order)]
   return ranked, top_scores
+
+
+def rows_to_keys(
+  items: np.ndarray, scores: np.ndarray, keys: Sequence[str]
+) -> tuple[list[list[str]], list[np.ndarray]]:
+  """`[num, k]` item rows (-1 where fewer ids exist) and their scores as ranked key lists."""
+  ranked = [[keys[i] for i in row if i >= 0] for row in items]
+  top = [np.asarray(s[: len(r)], np.float32) for s, r in zip(scores, ranked)]
+  return ranked, top
+
+
+@dataclasses.dataclass
+class DSIRetriever:
+  """A trained DSI model behind the Retriever protocol.
+
+  model: a `dsi_jax.models.dsi.DSIModel` (its DocidMap and trie); params: its parameters.
+  method: "beam" (trie-constrained beam search with `num_beams` >= k), "exact" (every id scored,
+    teacher-forced) or "auto" (exact up to the model's `exact_max_ids` ids).
+  batch_size: queries per device call; the last batch is padded to it (one compilation).
+  encode_inputs: applied to each batch of model inputs first (a frozen encoder's
+    `model.input_encoder`, when queries arrive as tokens).
+  Queries are model inputs (pixels in [-1, 1], token ids, or whatever the network reads);
+  `dsi_jax.runs` turns raw images and texts into them the way the corpus was prepared.
+  """
+
+  model: Any
+  params: Any
+  method: str = "auto"
+  num_beams: int | None = None
+  batch_size: int = 64
+  encode_inputs: Callable[[np.ndarray], np.ndarray] | None = None
+
+  @property
+  def keys(self) -> list[str]:
+    """The indexed items, in id order."""
+    return list(self.model.docids.keys)
+
+  def with_search(self, method: str, num_beams: int | None = None) -> DSIRetriever:
+    """The same model and params, ranked another way."""
+    return dataclasses.replace(self, method=method, num_beams=num_beams)
+
+  def rank(self, inputs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ranked item rows `[num, k]` (-1 where fewer ids exist) and log-likelihoods."""
+    items, scores = [], []
+    n = len(inputs)
+    for start in range(0, n, self.batch_size):
+      chunk = np.asarray(inputs[start : start + self.batch_size])
+      pad = self.batch_size - len(chunk)  # fixed shapes: one compilation
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      if self.encode_inputs is not None:
+        chunk = self.encode_inputs(chunk)
+      it, sc = self.model.rank(
+        self.params, jnp.asarray(chunk), k, method=self.method, num_beams=self.num_beams
+      )
+      items.append(it[: self.batch_size - pad])
+      scores.append(sc[: self.batch_size - pad])
+    if not items:
+      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    return np.concatenate(items), np.concatenate(scores)
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], list[np.ndarray]]:
+    """The top-`k` item keys (distinct, real ids) and their log-likelihoods per query."""
+    items, scores = self.rank(queries, k)
+    return rows_to_keys(items, scores, self.model.docids.keys)

@@ -61,8 +61,8 @@ from flax import traverse_util
 from flax.linen import partitioning as flax_partitioning
 
 from dsi_jax import docids as docids_lib
+from dsi_jax import losses, partitioning
 from dsi_jax import metrics as metrics_lib
-from dsi_jax import partitioning
 from dsi_jax import trie as trie_lib
 from dsi_jax.models import dsi
 from dsi_jax.tasks import core as tasks_core
@@ -131,7 +131,8 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
     """Args:
     network: the encoder-decoder (`make_vit_dsi`, `make_minilm_dsi(...)[0].network`, ...).
     docids: the ids it decodes (`dsi_jax.tasks.corpus_data(name).docids` for a registered corpus).
-    optimizer_def: a t5x optimizer, e.g. `t5x.optimizers.OptaxWrapper(dsi.make_optimizer())`.
+    optimizer_def: a t5x optimizer, e.g.
+      `t5x.optimizers.OptaxWrapper(dsi_jax.optim.make_optimizer())`.
     input_vocabulary: the tasks' `inputs` vocabulary (default: pass-through for images, bytes
       for text); t5x checks that it equals the task's.
     output_vocabulary: default `DocidVocabulary(docids.num_codes)`, as the tasks use.
@@ -189,7 +190,7 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
       )
     targets = batch["decoder_target_tokens"][:, : self.max_length]
     inputs = batch.get("decoder_input_tokens")
-    inputs = dsi.shift_right(targets) if inputs is None else inputs[:, : self.max_length]
+    inputs = losses.shift_right(targets) if inputs is None else inputs[:, : self.max_length]
     weights = batch.get("decoder_loss_weights")
     weights = targets != docids_lib.PAD if weights is None else weights[:, : self.max_length]
     return inputs, targets, weights.astype(jnp.float32)
@@ -250,7 +251,7 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
     `DSIModel.loss_fn`; metrics are t5x's base metrics plus `sequence_accuracy`."""
     logits = self._compute_logits(params, batch, dropout_rng)
     _, targets, weights = self._decoder_features(batch)
-    ll = dsi.token_log_likelihood(logits, targets)  # [b, length], zero at padding
+    ll = losses.token_log_likelihood(logits, targets)  # [b, length], zero at padding
     loss = -jnp.sum(ll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     segment_ids = {"decoder_target_tokens": targets != docids_lib.PAD}
     if self.modality == "text":
@@ -283,7 +284,7 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
     """`[batch]` log-likelihood of each `decoder_target_tokens` row (weighted tokens)."""
     logits = self._compute_logits(params, batch)
     _, targets, weights = self._decoder_features(batch)
-    token_scores = dsi.token_log_likelihood(logits, targets) * weights  # [b, length]
+    token_scores = losses.token_log_likelihood(logits, targets) * weights  # [b, length]
     scores = jnp.sum(token_scores, axis=-1)
     if return_intermediates:
       return scores, {"decoder": {"token_scores": (token_scores,)}}
@@ -379,9 +380,9 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
     decodes = jnp.where(valid[..., None], decodes, docids_lib.PAD)
     if self.rescore:
       logits = self.network.apply(
-        {"params": params}, encoded, dsi.shift_right(decodes), method=dsi.DSINetwork.decode
+        {"params": params}, encoded, losses.shift_right(decodes), method=dsi.DSINetwork.decode
       )  # [b, beams, length, vocab]
-      scores = jnp.sum(dsi.token_log_likelihood(logits, decodes), axis=-1)
+      scores = jnp.sum(losses.token_log_likelihood(logits, decodes), axis=-1)
     else:
       scores = search_scores
     scores = jnp.where(valid, scores, -jnp.inf)

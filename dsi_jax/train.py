@@ -25,14 +25,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
 from dsi_jax import checkpoints as checkpoints_lib
-from dsi_jax import metrics as metrics_lib
-from dsi_jax import partitioning
+from dsi_jax import evaluation, optim, partitioning, retrieval
 from dsi_jax import results as results_lib
+from dsi_jax.batches import RetrievalData, example_inputs, index_batches, mixed_batches
 from dsi_jax.checkpoints import restore_params
 from dsi_jax.models import dsi
 
@@ -73,7 +72,8 @@ class TrainConfig:
   max_to_keep: int = 2
   # Frozen for the first `freeze_steps` steps of training: parameter subtrees by path (e.g.
   # "encoder", or CLIP-DSI's "encoder/text_tower"); their params and optimizer state stay as
-  # they are while the rest trains.
+  # they are while the rest trains, and their gradients are left out of the clipping norm
+  # (`optim.make_optimizer`).
   freeze: tuple[str, ...] = ("encoder",)
   freeze_steps: int = 0
   # Learning-rate factors of parameter subtrees, `((path, factor), ...)`, e.g.
@@ -84,106 +84,35 @@ class TrainConfig:
     return partitioning.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_model)
 
 
-@dataclasses.dataclass
-class RetrievalData:
-  """What training and evaluation read (arrays; issue-4's SeqIO tasks produce the same).
-
-  index_inputs: `[num_ids, ...]` the indexed items, row i has id `docids.keys[i]`.
-  *_inputs: `[num_queries, ...]` query items; *_relevant: per query, relevant item indices.
-  """
-
-  index_inputs: np.ndarray
-  train_inputs: np.ndarray
-  train_relevant: list[np.ndarray]
-  val_inputs: np.ndarray
-  val_relevant: list[np.ndarray]
-  test_inputs: np.ndarray
-  test_relevant: list[np.ndarray]
-
-
 class TrainState(train_state.TrainState):
   pass
 
 
-def epoch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
-  """The rows of batch `step`: epochs are seeded permutations, so order depends on step only."""
-  start = step * batch
-  out = []
-  while len(out) < batch:
-    epoch, offset = divmod(start + len(out), n)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    out.extend(perm[offset : offset + batch - len(out)].tolist())
-  return np.asarray(out)
-
-
 def make_train_step(
-  model: dsi.DSIModel,
+  loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]],
   state_shardings,
   mesh: jax.sharding.Mesh,
-  *,
-  freeze: Sequence[str] = (),
-  freeze_steps: int = 0,
 ):
-  """One jitted update; the state keeps `state_shardings`, the batch is split on `batch`.
+  """One jitted update of a `TrainState`; the state keeps `state_shardings`, the batch is split
+  on `batch`.
 
-  While `state.step < freeze_steps`, parameters under the `freeze` paths (and their optimizer
-  state) keep their values.
+  `loss_fn(params, batch, dropout_rng) -> (loss, aux)` (e.g. `DSIModel.loss_fn`); the step
+  returns `(state, aux)`, and its dropout key is `fold_in(rng, state.step)`. Freezing, rates
+  and clipping are the optimizer's (`optim.make_optimizer`).
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  is_frozen = dsi.path_matcher(freeze)
-
-  def keep_frozen(new, old):
-    frozen = old.step < freeze_steps
-
-    def pick(path, n, o):
-      name = partitioning.path_string(path)
-      if is_frozen(name) is not None:
-        return jnp.where(frozen, o, n)
-      return n
-
-    params = jax.tree_util.tree_map_with_path(pick, new.params, old.params)
-    opt_state = jax.tree_util.tree_map_with_path(pick, new.opt_state, old.opt_state)
-    return new.replace(params=params, opt_state=opt_state)
 
   def train_step(state: TrainState, batch, rng):
     dropout_rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, aux), grads = grad_fn(state.params, batch, dropout_rng)
-    new = state.apply_gradients(grads=grads)
-    if freeze and freeze_steps > 0:
-      new = keep_frozen(new, state)
-    return new, aux
+    return state.apply_gradients(grads=grads), aux
 
   return jax.jit(
     train_step,
     in_shardings=(state_shardings, partitioning.batch_sharding(mesh), replicated),
     out_shardings=(state_shardings, replicated),
   )
-
-
-def rank_items(
-  model: dsi.DSIModel,
-  params,
-  inputs: np.ndarray,
-  k: int,
-  config: TrainConfig,
-  *,
-  method: str | None = None,
-  num_beams: int | None = None,
-):
-  """Ranked item indices `[num, k]` and scores, in batches of `config.eval_batch_size`."""
-  items, scores = [], []
-  for start in range(0, len(inputs), config.eval_batch_size):
-    chunk = inputs[start : start + config.eval_batch_size]
-    pad = config.eval_batch_size - len(chunk)  # fixed shapes: one compilation
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    it, sc = model.rank(
-      params, jnp.asarray(chunk), k, method=method or config.ranking, num_beams=num_beams
-    )
-    items.append(it[: config.eval_batch_size - pad])
-    scores.append(sc[: config.eval_batch_size - pad])
-  return np.concatenate(items), np.concatenate(scores)
 
 
 def evaluate(
@@ -195,36 +124,43 @@ def evaluate(
   splits: Sequence[str] = ("val",),
   index: bool = True,
 ) -> dict[str, float]:
-  """IA@1 / IA@5 on the indexed items and `config.eval_metrics` (and a loss) on query splits.
+  """IA@1 / IA@5 on the indexed items and `config.eval_metrics` (and a loss) on query splits,
+  through the evaluation harness.
 
   IA@k is measured with the constrained beam search (`config.ia_beams` beams); the query
   rankings with `config.ranking` (exact scoring of every id for small corpora, which is
   what beam search gives with beams >= number of ids).
   """
-  keys = model.docids.keys
+  retriever = retrieval.DSIRetriever(
+    model, params, method=config.ranking, batch_size=config.eval_batch_size
+  )
   out: dict[str, float] = {}
   if index:
-    # IA@k as the model is used: constrained beam search.
-    items, _ = rank_items(
-      model, params, data.index_inputs, 5, config, method="beam", num_beams=config.ia_beams
+    out.update(
+      evaluation.evaluate(
+        retriever,
+        None,
+        [],
+        ("ia@1", "ia@5"),
+        index=data.index_inputs,
+        index_retriever=retriever.with_search("beam", config.ia_beams),
+      )
     )
-    ranked = [[keys[i] for i in row if i >= 0] for row in items]
-    for kk in (1, 5):
-      out[f"ia@{kk}"] = metrics_lib.indexing_accuracy(ranked, list(keys), kk)
-  names = list(config.eval_metrics)
-  k = max(int(name.split("@")[1]) for name in names)
+  keys = model.docids.keys
   for split in splits:
-    inputs = getattr(data, f"{split}_inputs")
-    relevant = getattr(data, f"{split}_relevant")
-    items, scores = rank_items(model, params, inputs, k, config)
-    ranked = [[keys[i] for i in row if i >= 0] for row in items]
-    rel = [{keys[i] for i in r} for r in relevant]
-    for name, value in metrics_lib.compute_metrics(ranked, rel, names).items():
-      out[f"{split}/{name}"] = value
+    relevant = [{keys[i] for i in r} for r in getattr(data, f"{split}_relevant")]
+    values, ranked, scores = evaluation.evaluate(
+      retriever,
+      getattr(data, f"{split}_inputs"),
+      relevant,
+      config.eval_metrics,
+      with_ranking=True,
+    )
+    out.update({f"{split}/{name}": value for name, value in values.items()})
     # Retrieval loss: -log of the probability mass on the relevant ids (within the top k).
     mass = [
-      np.logaddexp.reduce([s for i, s in zip(row, sc) if i in set(r.tolist())] or [-np.inf])
-      for row, sc, r in zip(items, scores, relevant)
+      np.logaddexp.reduce([s for key, s in zip(row, sc) if key in rel] or [-np.inf])
+      for row, sc, rel in zip(ranked, scores, relevant)
     ]
     finite = [m for m in mass if np.isfinite(m)]
     out[f"{split}/loss"] = float(-np.mean(finite)) if finite else float("nan")
@@ -258,8 +194,6 @@ def run_phase(
   checkpoints: checkpoints_lib.PhaseCheckpoints | None = None,
   writer=None,
   show_progress: bool = True,
-  freeze: Sequence[str] = (),
-  freeze_steps: int = 0,
 ) -> PhaseResult:
   """A plain loop: step, log, evaluate every `eval_every`, keep the best params, checkpoint.
 
@@ -267,9 +201,7 @@ def run_phase(
   phase resumes from its latest checkpoint (a finished phase returns at once).
   """
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  train_step = make_train_step(
-    model, state_shardings, mesh, freeze=freeze, freeze_steps=freeze_steps
-  )
+  train_step = make_train_step(model.loss_fn, state_shardings, mesh)
   progress = checkpoints_lib.Progress(rng=np.asarray(jax.random.key_data(rng)).tolist())
   best_params = None
   if checkpoints is not None:
@@ -345,11 +277,13 @@ def create_state(
   model: dsi.DSIModel, input_shape, config: TrainConfig, rng, mesh: jax.sharding.Mesh
 ) -> TrainState:
   """The initial train state, created directly in its shardings on `mesh`."""
-  tx = dsi.make_optimizer(
+  tx = optim.make_optimizer(
     config.learning_rate,
     warmup_steps=config.warmup_steps,
     weight_decay=config.weight_decay,
     lr_multipliers=config.lr_multipliers,
+    freeze=config.freeze,
+    freeze_steps=config.freeze_steps,
   )
 
   def make_state(params):
@@ -359,101 +293,6 @@ def create_state(
   params = model.init(rng, input_shape, out_shardings=partitioning.shardings(abstract, mesh))
   state_shardings = partitioning.shardings(jax.eval_shape(make_state, params), mesh)
   return jax.jit(make_state, out_shardings=state_shardings)(params)
-
-
-def example_inputs(data: RetrievalData):
-  """What `DSIModel.init` needs to see: the inputs' shape, or one row of each kind of input
-  where queries and items differ (captions and images)."""
-  if same_kind(data):
-    return data.index_inputs.shape
-  return (data.train_inputs[:1], data.index_inputs[:1])
-
-
-def same_kind(data: RetrievalData) -> bool:
-  a, b = data.index_inputs, data.train_inputs
-  return a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
-
-
-def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh):
-  """Batch `step` of indexing examples (this host's rows of it)."""
-  n = len(data.index_inputs)
-  rows = partitioning.host_rows(config.batch_size, mesh)
-
-  def make_batch(step: int) -> dict:
-    idx = epoch_indices(n, config.batch_size, step, config.seed)[rows]
-    return {"inputs": data.index_inputs[idx], "targets": targets[idx]}
-
-  return make_batch
-
-
-def mixed_batches(
-  data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh, *, paired: bool = False
-):
-  """Batches of query -> random relevant id, mixed with indexing examples (this host's rows).
-
-  Where queries and items are of different kinds (captions, images), `inputs` and `targets`
-  are the tuples `(queries, items)`, each split over the hosts on its own. With `paired`, the
-  indexing examples are the queries' own relevant items, row for row (for a contrastive loss
-  between the towers); the rest of the item rows, if any, are drawn as usual. (`paired` applies
-  to batches of two kinds only.)
-  """
-  n_ret = int(round(config.batch_size * config.retrieval_ratio / (1.0 + config.retrieval_ratio)))
-  n_ret = min(max(n_ret, 1), config.batch_size)
-  n_idx = config.batch_size - n_ret
-  nq, n = len(data.train_inputs), len(data.index_inputs)
-  mixed = same_kind(data) or n_idx == 0
-  if mixed:
-    rows = partitioning.host_rows(config.batch_size, mesh)
-  else:
-    q_rows, i_rows = partitioning.host_rows(n_ret, mesh), partitioning.host_rows(n_idx, mesh)
-
-  def make_batch(step: int) -> dict:
-    # The global batch is [retrieval examples, indexing examples]; a host reads its rows only.
-    q = epoch_indices(nq, n_ret, step, config.seed + 1)
-    rng = np.random.default_rng([config.seed, 7, step])
-    # Spread the targets over all relevant ids: a fresh relevant id each time.
-    rel = np.array([data.train_relevant[j][rng.integers(len(data.train_relevant[j]))] for j in q])
-    idx = epoch_indices(n, n_idx, step, config.seed + 2) if n_idx else np.zeros(0, int)
-    if paired and not mixed:
-      idx[: min(n_ret, n_idx)] = rel[: min(n_ret, n_idx)]
-    if not mixed:
-      return {
-        "inputs": (data.train_inputs[q[q_rows]], data.index_inputs[idx[i_rows]]),
-        "targets": (targets[rel[q_rows]], targets[idx[i_rows]]),
-      }
-    is_query = (np.arange(config.batch_size) < n_ret)[rows]
-    row, tgt = np.concatenate([q, idx])[rows], np.concatenate([rel, idx])[rows]
-    inputs = np.concatenate([data.train_inputs[row[is_query]], data.index_inputs[row[~is_query]]])
-    return {"inputs": inputs, "targets": targets[tgt]}
-
-  return make_batch
-
-
-def result_rows(
-  result: dict[str, Any], metrics: Sequence[str], **common: Any
-) -> list[dict[str, Any]]:
-  """One results.json row per trained phase ("zero_shot", "fine_tuned") of `train_dsi`.
-
-  `metrics` are test metric names ("map@10", "hits@1", ...); IA@1 and IA@5 are always
-  included; `common` fields (model, dataset, ids, ...) go into every row.
-  """
-  rows = []
-  for setting in ("zero_shot", "fine_tuned"):
-    if setting not in result:
-      continue
-    test = result[setting]["test"]
-    rows.append(
-      {
-        **common,
-        "setting": setting,
-        "ia@1": test["ia@1"],
-        "ia@5": test["ia@5"],
-        **{m: test[f"test/{m}"] for m in metrics},
-        "steps": result[setting]["steps"],
-        "seconds": round(result[setting]["seconds"], 1),
-      }
-    )
-  return rows
 
 
 def run_fingerprint(model: dsi.DSIModel, params, config: TrainConfig, finetune: bool) -> dict:
@@ -509,6 +348,7 @@ def train_dsi(
   finetune: bool = True,
   show_progress: bool = True,
   mesh: jax.sharding.Mesh | None = None,
+  spec: Any = None,
 ) -> dict[str, Any]:
   """Runs indexing then (if `finetune`) retrieval fine-tuning; returns both phases' results.
 
@@ -520,6 +360,9 @@ def train_dsi(
   the same run again in the same workdir (same config, ids and model) resumes where the
   previous process stopped, a finished phase is not trained again, and a different run
   replaces the earlier one's checkpoints.
+
+  spec: the model's `runs.ModelSpec`, written to `workdir/model.json` so that `runs.load_run`
+  (and `dsi-jax search`) can rebuild the trained retriever from the folder alone.
   """
   if finetune and "map@10" not in config.eval_metrics:
     raise ValueError(
@@ -541,6 +384,10 @@ def train_dsi(
     if _prepare_workdir(workdir, fingerprint):
       log.info("Resuming the run in %s", workdir)
     model.docids.save(os.path.join(workdir, "docids.json"))
+    if spec is not None:
+      from dsi_jax import runs
+
+      runs.save_spec(workdir, spec)
     writer = metric_writers.create_default_writer(
       os.path.join(workdir, "tensorboard"), asynchronous=False
     )
@@ -575,8 +422,6 @@ def train_dsi(
       checkpoints=phase_checkpoints.get("zero_shot"),
       writer=writer,
       show_progress=show_progress,
-      freeze=config.freeze,
-      freeze_steps=config.freeze_steps,
     )
     if index.history and index.history[-1]["ia@1"] < config.index_target_accuracy:
       log.warning(
@@ -605,8 +450,6 @@ def train_dsi(
         checkpoints=phase_checkpoints.get("fine_tuned"),
         writer=writer,
         show_progress=show_progress,
-        freeze=config.freeze,
-        freeze_steps=config.freeze_steps,
       )
       test = evaluate(model, ft.state.params, data, config=config, splits=("test",), index=True)
       results["fine_tuned"] = _phase_summary(ft, test)
@@ -641,12 +484,9 @@ def count_params(params) -> int:
 
 
 __all__ = [
-  "RetrievalData",
   "TrainConfig",
   "count_params",
   "evaluate",
-  "optax",
-  "rank_items",
   "restore_params",
   "train_dsi",
 ]

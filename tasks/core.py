@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from dsi_jax import docids as docids_lib
 from dsi_jax.data import corpus as corpus_lib
+from dsi_jax.data import inputs as inputs_lib
 
 MODALITIES = ("image", "text", "image+text")
 _REGISTERED: dict[str, Callable[[], CorpusData]] = {}
@@ -138,7 +139,7 @@ class TokenizerVocabulary(seqio.Vocabulary):
     return self._tokenizer.get_vocab_size()
 
   def _encode(self, s: str) -> list[int]:
-    return self._tokenizer.encode(s).ids
+    return inputs_lib.text_token_ids(self._tokenizer, s)
 
   def _decode(self, ids) -> str:
     return self._tokenizer.decode([int(i) for i in ids])
@@ -301,7 +302,7 @@ def _dataset(
   def to_features(ex):
     out = {"key": ex["key"], "targets": ex["targets"], "relevant": ex["relevant"]}
     if modality in ("image", "image+text"):
-      out["inputs"] = tf.cast(ex["image"], tf.float32) / 127.5 - 1.0
+      out["inputs"] = inputs_lib.scale_pixels(tf.cast(ex["image"], tf.float32))
     if modality == "text":
       out["inputs"] = ex["text"]
     if modality == "image+text":
@@ -464,11 +465,7 @@ def _stack_inputs(rows: list[np.ndarray], length: int | None) -> np.ndarray:
   """Stacks images as they are; token rows are cut / padded (with 0) to `length`."""
   if not rows or rows[0].ndim != 1:
     return np.stack(rows)
-  length = length or max(len(r) for r in rows)
-  out = np.zeros((len(rows), length), np.int32)
-  for i, r in enumerate(rows):
-    out[i, : min(len(r), length)] = r[:length]
-  return out
+  return inputs_lib.token_rows(rows, length)
 
 
 def retrieval_data(name: str, *, text_length: int | None = None):
@@ -480,7 +477,7 @@ def retrieval_data(name: str, *, text_length: int | None = None):
   `text_length` (default: the longest). For images indexed by captions ("image+text"), the
   items are images and the queries are the captions' tokens.
   """
-  from dsi_jax import train as train_lib
+  from dsi_jax import batches
 
   docids = corpus_data(name).docids
   index = _read(f"{name}_indexing", "train")
@@ -500,7 +497,7 @@ def retrieval_data(name: str, *, text_length: int | None = None):
       else np.zeros((0,) + index[0]["inputs"].shape, np.float32),
       [np.sort(q["relevant"]) for q in queries],
     )
-  data = train_lib.RetrievalData(
+  data = batches.RetrievalData(
     index_inputs=_stack_inputs([ex["inputs"] for ex in index], text_length),
     train_inputs=splits["train"][0],
     train_relevant=splits["train"][1],

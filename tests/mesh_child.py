@@ -30,8 +30,8 @@ def main() -> None:
   import jax
   import numpy as np
 
+  from dsi_jax import batches, partitioning
   from dsi_jax import docids as docids_lib
-  from dsi_jax import partitioning
   from dsi_jax import train as train_lib
   from dsi_jax.models import dsi
 
@@ -39,7 +39,7 @@ def main() -> None:
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, size=(32 + 24, 8, 8, 3)).astype(np.float32)
   rel = [np.array([i % 32, (i + 5) % 32]) for i in range(8)]
-  data = train_lib.RetrievalData(
+  data = batches.RetrievalData(
     index_inputs=images[:32],
     train_inputs=images[32:40],
     train_relevant=rel,

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsi_jax import batches, optim, partitioning
 from dsi_jax import docids as docids_lib
-from dsi_jax import partitioning
 from dsi_jax import train as train_lib
 from dsi_jax.models import dsi, multimodal, text, vit
 
@@ -38,7 +38,7 @@ def caption_data(n=8, seed=0):
     return np.array([[1, 10 + i, 30 + (variant + i) % 8, 2, 0] for i in range(n)], np.int32)
 
   train = np.concatenate([captions(0), captions(1)])
-  return train_lib.RetrievalData(
+  return batches.RetrievalData(
     index_inputs=images,
     train_inputs=train,
     train_relevant=[np.array([i % n]) for i in range(2 * n)],
@@ -53,7 +53,7 @@ def test_encoder_masks_padding_and_mixes_kinds_in_one_batch():
   ids = docids_lib.random_ids([f"img{i}" for i in range(8)], num_codes=4)
   model = tiny_clip_dsi(ids)
   data = caption_data()
-  params = model.init(jax.random.PRNGKey(0), train_lib.example_inputs(data))
+  params = model.init(jax.random.PRNGKey(0), batches.example_inputs(data))
   assert set(params["encoder"]) == {"image_tower", "text_tower", "image_adapter", "text_adapter"}
   partitioning.logical_axes(params)  # every parameter is named for sharding
   apply = model.network.apply
@@ -101,16 +101,20 @@ def test_frozen_towers_keep_their_values_for_the_first_steps():
   ids = docids_lib.random_ids([f"img{i}" for i in range(8)], num_codes=4)
   model = tiny_clip_dsi(ids)
   data = caption_data()
-  config = train_lib.TrainConfig(batch_size=8, warmup_steps=1, learning_rate=1e-2)
+  config = train_lib.TrainConfig(
+    batch_size=8,
+    warmup_steps=1,
+    learning_rate=1e-2,
+    freeze=("encoder/text_tower",),
+    freeze_steps=2,
+  )
   mesh = partitioning.make_mesh()
   state = train_lib.create_state(
-    model, train_lib.example_inputs(data), config, jax.random.PRNGKey(0), mesh
+    model, batches.example_inputs(data), config, jax.random.PRNGKey(0), mesh
   )
   shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  step = train_lib.make_train_step(
-    model, shardings, mesh, freeze=("encoder/text_tower",), freeze_steps=2
-  )
-  batch = train_lib.mixed_batches(data, ids.targets(), config, mesh)(0)
+  step = train_lib.make_train_step(model.loss_fn, shardings, mesh)
+  batch = batches.mixed_batches(data, ids.targets(), config, mesh)(0)
   batch = partitioning.global_batch(batch, mesh)
   states = [state]
   for _ in range(3):
@@ -132,17 +136,17 @@ def test_contrastive_loss_pairs_captions_with_their_images():
   data = caption_data()
   plain, contrastive = tiny_clip_dsi(ids), tiny_clip_dsi(ids)
   contrastive.contrastive_weight = 0.5
-  params = plain.init(jax.random.PRNGKey(0), train_lib.example_inputs(data))
+  params = plain.init(jax.random.PRNGKey(0), batches.example_inputs(data))
   config = train_lib.TrainConfig(batch_size=8)
   mesh = partitioning.make_mesh()
   targets = ids.targets()
-  batch = train_lib.mixed_batches(data, targets, config, mesh, paired=True)(3)
+  batch = batches.mixed_batches(data, targets, config, mesh, paired=True)(3)
   queries, items = batch["inputs"]
   q_targets, i_targets = batch["targets"]
   np.testing.assert_array_equal(q_targets, i_targets)  # row i: a caption and its own image
   for q, image in zip(queries, items):  # caption word 10 + i names image i
     np.testing.assert_array_equal(image, data.index_inputs[q[1] - 10])
-  unpaired = train_lib.mixed_batches(data, targets, config, mesh)(3)
+  unpaired = batches.mixed_batches(data, targets, config, mesh)(3)
   assert not np.array_equal(unpaired["targets"][0], unpaired["targets"][1])
 
   loss0, aux0 = plain.loss_fn(params, batch, None)
@@ -177,8 +181,8 @@ def test_lr_multipliers_scale_the_updates_of_a_subtree():
   grads = jax.tree_util.tree_map(
     lambda x: jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape), params
   )
-  base = dsi.make_optimizer(1e-2, warmup_steps=1)
-  scaled = dsi.make_optimizer(1e-2, warmup_steps=1, lr_multipliers=(("encoder/text_tower", 0.1),))
+  base = optim.make_optimizer(1e-2, warmup_steps=1)
+  scaled = optim.make_optimizer(1e-2, warmup_steps=1, lr_multipliers=(("encoder/text_tower", 0.1),))
   u0, _ = base.update(grads, base.init(params), params)
   u1, _ = scaled.update(grads, scaled.init(params), params)
   np.testing.assert_allclose(
@@ -191,8 +195,8 @@ def test_lr_multipliers_scale_the_updates_of_a_subtree():
 def test_caption_prototypes_rank_an_image_by_its_training_captions():
   import types
 
-  from dsi_jax import flickr
   from dsi_jax.data import corpus as corpus_lib
+  from dsi_jax.experiments import flickr
 
   things = ["dog", "guitar", "sailing boat", "bicycle", "birthday cake", "snowy mountain"]
   captions = [
@@ -214,11 +218,16 @@ def test_caption_prototypes_rank_an_image_by_its_training_captions():
     test_relevant=[[index[q.relevant[0]]] for q in test],
   )
   minilm = text.load_minilm()
-  row = flickr.caption_prototype_row(corpus, data, minilm, db_size=len(keys), num_queries=len(test))
+  row = flickr.caption_prototype_row(
+    corpus, data, minilm, dataset="toy", db_size=len(keys), num_queries=len(test)
+  )
   assert row["model"] == "caption_prototypes" and row["num_queries"] == len(things)
   assert row["recall@1"] == 1.0
   # Wrong images as the relevant ones: the same ranking now misses.
   data.test_relevant = [[(r[0] + 1) % len(keys)] for r in data.test_relevant]
   assert (
-    flickr.caption_prototype_row(corpus, data, minilm, db_size=6, num_queries=6)["recall@1"] == 0.0
+    flickr.caption_prototype_row(corpus, data, minilm, dataset="toy", db_size=6, num_queries=6)[
+      "recall@1"
+    ]
+    == 0.0
   )

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from dsi_jax import demo
 from dsi_jax.data import fashion_mnist
+from dsi_jax.experiments import fashion_mnist as demo
 
 pytestmark = [
   pytest.mark.slow,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsi_jax import losses
 from dsi_jax.baselines import dual_encoder as de
 from dsi_jax.models import clip, text
 from dsi_jax.models.vit import ViT
@@ -71,15 +72,15 @@ def _unit(x):
 def test_loss_aligned_is_zero_and_random_is_log_batch():
   b = 8
   aligned = jnp.eye(b, 32)  # orthonormal pairs: cosine 1 on the diagonal, 0 elsewhere
-  assert float(de.infonce_loss(aligned, aligned, math.log(100.0))) < 1e-6
+  assert float(losses.infonce_loss(aligned, aligned, math.log(100.0))) < 1e-6
   # The scale is clipped at 100 as in CLIP: a larger log scale changes nothing.
-  assert float(de.infonce_loss(aligned, aligned, 50.0)) < 1e-6
-  assert float(de.infonce_loss(aligned, aligned, 0.0)) == pytest.approx(
+  assert float(losses.infonce_loss(aligned, aligned, 50.0)) < 1e-6
+  assert float(losses.infonce_loss(aligned, aligned, 0.0)) == pytest.approx(
     math.log(math.e + b - 1) - 1.0, rel=1e-5
   )
   rng = np.random.default_rng(0)
   t, i = (_unit(rng.normal(size=(b, 1024))).astype(np.float32) for _ in range(2))
-  loss = float(de.infonce_loss(jnp.asarray(t), jnp.asarray(i), 0.0))
+  loss = float(losses.infonce_loss(jnp.asarray(t), jnp.asarray(i), 0.0))
   assert loss == pytest.approx(math.log(b), abs=0.05)
 
 
@@ -101,19 +102,19 @@ def test_image_ids_mask_captions_of_one_image():
   i = jnp.asarray(e[[0, 0, 1]])
   scale = math.log(100.0)
   # Without ids, rows 0 and 1 each see a perfect "negative": log 2 in both directions.
-  assert float(de.infonce_loss(t, i, scale)) == pytest.approx(2 / 3 * math.log(2), rel=1e-4)
+  assert float(losses.infonce_loss(t, i, scale)) == pytest.approx(2 / 3 * math.log(2), rel=1e-4)
   # With ids, the twin is out of the denominators: nothing left to separate.
-  assert float(de.infonce_loss(t, i, scale, jnp.array([0, 0, 1]))) < 1e-6
+  assert float(losses.infonce_loss(t, i, scale, jnp.array([0, 0, 1]))) < 1e-6
   # One image for the whole batch: only the diagonal remains, the loss is exactly 0.
-  assert float(de.infonce_loss(t, i, 0.0, jnp.array([5, 5, 5]))) == 0.0
+  assert float(losses.infonce_loss(t, i, 0.0, jnp.array([5, 5, 5]))) == 0.0
 
   rng = np.random.default_rng(1)
   t, i = (_unit(rng.normal(size=(6, 8))).astype(np.float32) for _ in range(2))
   ids = np.array([3, 3, 1, 4, 3, 1])
-  got = float(de.infonce_loss(jnp.asarray(t), jnp.asarray(i), 1.5, jnp.asarray(ids)))
+  got = float(losses.infonce_loss(jnp.asarray(t), jnp.asarray(i), 1.5, jnp.asarray(ids)))
   assert got == pytest.approx(_reference_loss(t, i, 1.5, ids), rel=1e-5)
   with pytest.raises(ValueError, match="image_ids must be"):
-    de.infonce_loss(jnp.asarray(t), jnp.asarray(i), 1.5, jnp.zeros(5))
+    losses.infonce_loss(jnp.asarray(t), jnp.asarray(i), 1.5, jnp.zeros(5))
 
 
 # --------------------------------------------------------------------------------------------

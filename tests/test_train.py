@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsi_jax import cli
+from dsi_jax import batches, cli
 from dsi_jax import docids as docids_lib
 from dsi_jax import train as train_lib
 from dsi_jax.data import fashion_mnist
@@ -21,7 +21,7 @@ def tiny_data(n_index=16, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.uniform(-1, 1, size=(n_index + 12, 8, 8, 1)).astype(np.float32)
   rel = [np.array([i % n_index, (i + 1) % n_index]) for i in range(4)]
-  return train_lib.RetrievalData(
+  return batches.RetrievalData(
     index_inputs=images[:n_index],
     train_inputs=images[n_index : n_index + 4],
     train_relevant=rel,
@@ -33,10 +33,10 @@ def tiny_data(n_index=16, seed=0):
 
 
 def test_epoch_indices_cover_every_row_once_per_epoch():
-  rows = np.concatenate([train_lib.epoch_indices(10, 4, s, seed=0) for s in range(5)])  # 2 epochs
+  rows = np.concatenate([batches.epoch_indices(10, 4, s, seed=0) for s in range(5)])  # 2 epochs
   assert sorted(rows[:10].tolist()) == list(range(10))
   assert sorted(rows[10:20].tolist()) == list(range(10))
-  np.testing.assert_array_equal(train_lib.epoch_indices(10, 4, 3, seed=0), rows[12:16])
+  np.testing.assert_array_equal(batches.epoch_indices(10, 4, 3, seed=0), rows[12:16])
 
 
 def test_tiny_model_memorises_16_images(tmp_path):
@@ -92,9 +92,9 @@ def test_gin_train_command_runs_an_experiment(tmp_path):
     "train",
     "--gin_file=gin_configs/experiments/fmnist512_clustered.gin",
     f"--gin_bindings=dsi_jax.run_experiment.workdir='{workdir}'",
-    "--gin_bindings=dsi_jax.run_experiment.num_images=40",
+    "--gin_bindings=dsi_jax.FashionMnistConfig.num_images=40",
     (
-      "--gin_bindings=dsi_jax.run_experiment.model={'patch_size': 8, 'width': 32, "
+      "--gin_bindings=dsi_jax.FashionMnistConfig.model={'patch_size': 8, 'width': 32, "
       "'depth': 1, 'mlp_dim': 32, 'num_heads': 2, 'decoder_depth': 1}"
     ),
     "--gin_bindings=dsi_jax.TrainConfig.index_max_steps=4",

@@ -186,7 +186,8 @@ def bench_config(name: str, dtype_name: str, batch: int, args) -> dict[str, Any]
     "targets": jnp.asarray(docids.targets()[rows]),
   }
   data = jax.device_put(data, partitioning.batch_sharding(mesh))
-  step = train_lib.make_train_step(model, jax.tree_util.tree_map(lambda x: x.sharding, state), mesh)
+  shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  step = train_lib.make_train_step(model.loss_fn, shardings, mesh)
   t0 = time.perf_counter()
   lowered = step.lower(state, data, rng)
   compiled = lowered.compile()

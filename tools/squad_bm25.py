@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import time
 
-from dsi_jax import metrics
-from dsi_jax import results as results_lib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dsi_jax import results as results_lib  # noqa: E402
+from dsi_jax.experiments import squad  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
   parser.add_argument("--split", default="test", choices=["validation", "test"])
   args = parser.parse_args(argv)
 
-  from dsi_jax import tasks
+  from dsi_jax import evaluation, tasks
   from dsi_jax.baselines.bm25 import BM25
 
   data = tasks.corpus_data("dsi_jax_squad_random")
@@ -31,29 +33,21 @@ def main(argv=None) -> int:
   queries = corpus.split(args.split)
   t0 = time.time()
   bm25 = BM25([data.texts[k] for k in corpus.indexed], list(corpus.indexed))
-  ranked, _ = bm25.search([q.text for q in queries], 10)
-  seconds = time.time() - t0
-  m = metrics.compute_metrics(
-    ranked, corpus.query_relevance(args.split), ["hits@1", "hits@10", "mrr@10"]
+  values = evaluation.evaluate(
+    bm25, [q.text for q in queries], corpus.query_relevance(args.split), squad.METRICS
   )
-  row = {
-    "model": "bm25",
-    "setting": "-",
-    "dataset": "squad_v1.1_dev",
-    "db_size": len(corpus.indexed),
-    "ids": None,
-    "num_queries": len(queries),
-    **m,
-    "seconds": round(seconds, 2),
-  }
-  report = {
-    "rows": [row],
-    "config": {"split": args.split, "machine": f"{platform.machine()}, {os.cpu_count()} cores"},
-    "versions": results_lib.versions(),
-  }
+  row = results_lib.make_row(
+    model="bm25",
+    setting="-",
+    dataset="squad_v1.1_dev",
+    db_size=len(corpus.indexed),
+    num_queries=len(queries),
+    metrics=values,
+    seconds=round(time.time() - t0, 2),
+  )
   os.makedirs(args.out, exist_ok=True)
-  results_lib.write_json(report, os.path.join(args.out, "results.json"))
-  print(results_lib.markdown_table(report["rows"]))
+  command = " ".join(["python tools/squad_bm25.py", *(argv or sys.argv[1:])])
+  results_lib.write_report(args.out, [row], {"split": args.split}, command=command)
   return 0
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +53,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True)
   args = parser.parse_args(argv)
 
-  from dsi_jax import squad
+  from dsi_jax import results
+  from dsi_jax.experiments import squad
 
   schemes = getattr(args, "schemes", None) or list(squad.SCHEMES)
   if args.command == "export":
@@ -66,8 +65,6 @@ def main(argv=None) -> int:
   os.makedirs(args.out, exist_ok=True)
   if args.command == "train":
     import dataclasses
-
-    import jax
 
     if args.frozen_encoder and args.model != "minilm":
       parser.error("--frozen-encoder needs --model minilm (T5-DSI trains from scratch)")
@@ -81,50 +78,49 @@ def main(argv=None) -> int:
       if value is not None:
         config = dataclasses.replace(config, **{field: value})
     suffix = "_frozen" if args.frozen_encoder else ""
+    run_config = squad.SquadConfig(
+      train=config,
+      frozen_encoder=args.frozen_encoder,
+      minilm_path=args.minilm,
+      max_eval_queries=64 if args.quick else None,
+      # A smoke run: a tiny T5 (T5.1.1 small is 48M parameters, slow on a CPU).
+      t5_sizes=dict(width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=128)
+      if args.quick
+      else None,
+    )
     for scheme in schemes:
+      workdir = os.path.join(args.out, f"dsi_{_folder(scheme, args.model)}{suffix}")
       rows = squad.run(
         os.path.join(args.data, _folder(scheme, args.model)),
-        config=config,
-        frozen_encoder=args.frozen_encoder,
-        minilm_path=args.minilm,
+        workdir,
+        config=run_config,
         show_progress=True,
-        max_eval_queries=64 if args.quick else None,
-        # A smoke run: a tiny T5 (T5.1.1 small is 48M parameters, slow on a CPU).
-        t5_sizes=dict(width=64, depth=2, num_heads=2, head_dim=32, mlp_dim=128)
-        if args.quick
-        else None,
       )
-      for r in rows:
-        r["device"] = str(jax.devices()[0].device_kind)
-      _write(os.path.join(args.out, f"dsi_{_folder(scheme, args.model)}{suffix}.json"), rows)
-      print(json.dumps(rows), flush=True)
+      results.write_report(
+        workdir,
+        rows,
+        {"scheme": scheme, "model": args.model, **dataclasses.asdict(run_config)},
+        command=" ".join(["python tools/squad_dsi.py", *(argv or sys.argv[1:])]),
+      )
     return 0
   if args.command == "baselines":
     rows = squad.baseline_rows(os.path.join(args.data, squad.SCHEMES[0]), minilm_path=args.minilm)
-    for r in rows:
-      r["device"] = f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    _write(os.path.join(args.out, "baselines.json"), rows)
-    print(json.dumps(rows))
+    results.write_report(
+      os.path.join(args.out, "baselines"),
+      rows,
+      {"data": os.path.basename(os.path.abspath(args.data))},
+      command=" ".join(["python tools/squad_dsi.py", *(argv or sys.argv[1:])]),
+    )
     return 0
-  from dsi_jax import results
-
   rows = []
-  for path in sorted(glob.glob(os.path.join(args.out, "*.json"))):
-    with open(path) as f:
-      rows.extend(json.load(f))
+  for path in sorted(glob.glob(os.path.join(args.out, "*", "results.json"))):
+    rows.extend(results.load(path)["rows"])
   print(results.markdown_table(rows))
   return 0
 
 
 def _folder(scheme: str, model: str) -> str:
   return scheme if model == "minilm" else f"{scheme}_{model}"
-
-
-def _write(path: str, rows) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(rows, f, indent=1)
-  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -28,36 +28,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
+from dsi_jax import batches, optim, partitioning
 from dsi_jax import train as train_lib
+from dsi_jax.losses import MAX_LOGIT_SCALE, POOLINGS, infonce_loss, l2_normalize, pool
 from dsi_jax.models import dsi
-from dsi_jax.models.text import l2_normalize, mean_pool
 
 Params = Mapping[str, Any]
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the scale exp(logit_scale) at 100
-POOLINGS = ("auto", "mean", "pooled")
 MODALITIES = ("text", "image")
-
-
-def _pool(tokens: jax.Array, aux: Mapping[str, Any], pooling: str, mask=None) -> jax.Array:
-  """`[B, hidden]` from a tower's `(tokens [B, L, hidden], aux)`.
-
-  "pooled": the tower's `aux["pooled"]`; "mean": the mean over the tokens where `mask [B, L]`
-  (all tokens without a mask); "auto": "pooled" when the tower gives it, else "mean".
-  """
-  if pooling not in POOLINGS:
-    raise ValueError(f"unknown pooling {pooling!r}: use one of {POOLINGS}")
-  if pooling == "pooled" or (pooling == "auto" and "pooled" in aux):
-    if "pooled" not in aux:
-      raise ValueError("pooling='pooled' but the tower's aux has no 'pooled' entry")
-    return aux["pooled"]
-  if mask is None:
-    return tokens.mean(axis=1)
-  return mean_pool(tokens, mask)
 
 
 class DualEncoder(nn.Module):
@@ -116,13 +97,13 @@ class DualEncoder(nn.Module):
       if pad_id is None:
         raise ValueError("mean pooling of text needs text_pad_id (the tower's config has none)")
       mask = input_ids != pad_id
-    pooled = _pool(tokens, aux, self.text_pooling, mask)
+    pooled = pool(tokens, aux, self.text_pooling, mask)
     return l2_normalize(self.text_projection(pooled).astype(jnp.float32))
 
   def embed_images(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Images `[B, H, W, C]` -> unit-norm embeddings `[B, embed_dim]` float32."""
     tokens, aux = self.image_tower(images, train=train)
-    pooled = _pool(tokens, aux, self.image_pooling)
+    pooled = pool(tokens, aux, self.image_pooling)
     return l2_normalize(self.image_projection(pooled).astype(jnp.float32))
 
   def log_scale(self) -> jax.Array:
@@ -255,110 +236,7 @@ def clip_dual_encoder(clip_model, clip_params: Params) -> tuple[DualEncoder, dic
   return model, params
 
 
-# ----------------------------------------------------------------------------- loss
-
-
-def infonce_loss(
-  text_emb: jax.Array,
-  image_emb: jax.Array,
-  log_scale: jax.Array | float,
-  image_ids: jax.Array | None = None,
-  *,
-  max_log_scale: float = MAX_LOGIT_SCALE,
-) -> jax.Array:
-  """The symmetric InfoNCE (CLIP) loss of a batch of matched pairs.
-
-  Row `i` of `text_emb` (a caption) matches row `i` of `image_emb` (its image); every other row
-  of the batch is a negative. The loss is the mean of the text->image and image->text
-  cross-entropies of `exp(log_scale) * text_emb @ image_emb.T`.
-
-  Args:
-    text_emb: `[B, D]` unit-norm caption embeddings.
-    image_emb: `[B, D]` unit-norm image embeddings.
-    log_scale: `[]` log inverse temperature, clipped at `max_log_scale`.
-    image_ids: optional `[B]` ids of the images: pairs that share an image (several captions of
-      one image, or one pair drawn twice) are not negatives of each other. They are left out of
-      each other's softmax denominators; each row keeps its own pair (the diagonal).
-    max_log_scale: the clip of `log_scale` (CLIP: log 100).
-
-  Returns:
-    The scalar loss (float32).
-  """
-  if text_emb.ndim != 2 or text_emb.shape != image_emb.shape:
-    raise ValueError(
-      f"text_emb and image_emb must both be [batch, dim], got {text_emb.shape}, {image_emb.shape}"
-    )
-  scale = jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), max_log_scale))
-  logits = scale * jnp.dot(
-    text_emb.astype(jnp.float32),
-    image_emb.astype(jnp.float32).T,
-    precision=jax.lax.Precision.HIGHEST,
-  )  # [texts, images]
-  b = logits.shape[0]
-  diagonal = jnp.eye(b, dtype=bool)
-  if image_ids is not None:
-    image_ids = jnp.asarray(image_ids)
-    if image_ids.shape != (b,):
-      raise ValueError(f"image_ids must be [{b}], got {image_ids.shape}")
-    same = image_ids[:, None] == image_ids[None, :]
-    logits = jnp.where(same & ~diagonal, -jnp.inf, logits)  # symmetric: serves both directions
-  positive = jnp.diagonal(logits)
-  text_to_image = jax.nn.logsumexp(logits, axis=1) - positive
-  image_to_text = jax.nn.logsumexp(logits, axis=0) - positive
-  return 0.5 * (text_to_image.mean() + image_to_text.mean())
-
-
 # ----------------------------------------------------------------------------- training
-
-
-@functools.lru_cache(maxsize=8)
-def _train_step(
-  model: DualEncoder,
-  learning_rate: float,
-  warmup_steps: int,
-  weight_decay: float,
-  freeze_text: bool,
-  text_lr_multiplier: float = 1.0,
-):
-  """The optimizer and one jitted update `(params, opt_state, batch, rng, step) -> (params,
-  opt_state, loss)`; cached, so runs with the same model and settings compile once.
-
-  With `freeze_text`, the text tower gets no gradient (its backward pass is not computed) and
-  no update (no weight decay either).
-  """
-  tx = dsi.make_optimizer(
-    learning_rate,
-    warmup_steps=warmup_steps,
-    weight_decay=weight_decay,
-    decay_matrices_only=True,
-    lr_multipliers=(("text_tower", text_lr_multiplier),) if text_lr_multiplier != 1.0 else (),
-  )
-
-  def loss_fn(trainable, frozen, batch, rng):
-    text_emb, image_emb, log_scale = model.apply(
-      {"params": {**frozen, **trainable}},
-      batch["tokens"],
-      batch["images"],
-      train=True,
-      rngs={"dropout": rng},
-    )
-    return infonce_loss(text_emb, image_emb, log_scale, batch["image_ids"])
-
-  def train_step(params, opt_state, batch, rng, step):
-    rng = jax.random.fold_in(rng, step)
-    if freeze_text:
-      frozen = {"text_tower": params["text_tower"]}
-      trainable = {k: v for k, v in params.items() if k != "text_tower"}
-      loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
-      grads = {**grads, "text_tower": jax.tree.map(jnp.zeros_like, frozen["text_tower"])}
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(params, {}, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    if freeze_text:
-      updates = {**updates, "text_tower": jax.tree.map(jnp.zeros_like, updates["text_tower"])}
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return tx, jax.jit(train_step, donate_argnums=(0, 1))
 
 
 def train_dual_encoder(
@@ -380,10 +258,12 @@ def train_dual_encoder(
 ) -> tuple[dict, list[float]]:
   """Trains `model` with the symmetric InfoNCE loss on (caption, image) pairs.
 
-  A plain loop over one jitted AdamW step; batch `i` holds the rows
-  `dsi_jax.train.epoch_indices(N, batch_size, i, seed)` (seeded permutations, so runs repeat
+  A plain loop over the trainer's jitted step (`dsi_jax.train.make_train_step`, AdamW from
+  `dsi_jax.optim.make_optimizer` with weight decay on matrices only), data-parallel over the
+  local devices that divide `batch_size`; batch `i` holds the rows
+  `dsi_jax.batches.epoch_indices(N, batch_size, i, seed)` (seeded permutations, so runs repeat
   exactly), dropout keys are `fold_in(PRNGKey(seed), i)`. Pairs of a batch that share an
-  image id are not each other's negatives (`infonce_loss`).
+  image id are not each other's negatives (`dsi_jax.losses.infonce_loss`).
 
   Args:
     model: the dual encoder.
@@ -399,8 +279,9 @@ def train_dual_encoder(
     seed: batches and dropout.
     show_progress: a tqdm bar with the running loss.
     freeze_text_steps: the text tower is not updated for this many first steps (the projections,
-      image tower and temperature fit the pretrained text space first). Adam's moments of the
-      text tower start at zero when it thaws, which acts as a short warmup.
+      image tower and temperature fit the pretrained text space first): its gradients are
+      zeroed (and left out of the clipping norm), its updates are zero and its Adam moments
+      stay at zero, so they start from zero when it thaws, which acts as a short warmup.
     warmup_steps: linear warmup of the rate; default `min(100, steps // 10)`.
     weight_decay: AdamW's decoupled weight decay on matrices (CLIP: 0.1 to 0.2).
     text_lr_multiplier: the text tower's rate is `learning_rate * text_lr_multiplier` (a
@@ -432,34 +313,48 @@ def train_dual_encoder(
   image_ids = np.unique(image_ids, return_inverse=True)[1].reshape(n)  # any ids -> 0..M-1
   if warmup_steps is None:
     warmup_steps = min(100, steps // 10)
-  settings = (model, float(learning_rate), int(warmup_steps), float(weight_decay))
-  tx, _ = _train_step(*settings, False, float(text_lr_multiplier))
-  params = jax.tree.map(jnp.array, dict(params))  # a copy: the step donates its buffers
-  opt_state = tx.init(params)
-  # Two compiled steps at most: with the text tower frozen (the first steps) and without.
-  step_fns = {
-    frozen: _train_step(*settings, frozen, float(text_lr_multiplier))[1]
-    for frozen in (True, False)
-    if (freeze_text_steps > 0 if frozen else freeze_text_steps < steps)
-  }
+  tx = optim.make_optimizer(
+    learning_rate,
+    warmup_steps=warmup_steps,
+    weight_decay=weight_decay,
+    decay_matrices_only=True,
+    lr_multipliers=(("text_tower", text_lr_multiplier),) if text_lr_multiplier != 1.0 else (),
+    freeze=("text_tower",) if freeze_text_steps else (),
+    freeze_steps=freeze_text_steps,
+  )
+
+  def loss_fn(params, batch, rng):
+    text_emb, image_emb, log_scale = model.apply(
+      {"params": params}, batch["tokens"], batch["images"], train=True, rngs={"dropout": rng}
+    )
+    loss = infonce_loss(text_emb, image_emb, log_scale, batch["image_ids"])
+    return loss, {"loss": loss}
+
+  # Data parallelism over the local devices that split the batch evenly (one on a CPU).
+  devices = jax.local_devices()[: math.gcd(batch_size, jax.local_device_count())]
+  mesh = partitioning.make_mesh(devices=devices)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = train_lib.TrainState.create(apply_fn=None, params=dict(params), tx=tx)
+  shardings = jax.tree.map(lambda _: replicated, state)
+  state = jax.device_put(state, shardings)
+  train_step = train_lib.make_train_step(loss_fn, shardings, mesh)
   rng = jax.random.PRNGKey(seed)
   losses: list[jax.Array] = []
   bar = tqdm(range(steps), desc="dual encoder", leave=False, disable=not show_progress)
   for i in bar:
-    rows = train_lib.epoch_indices(n, batch_size, i, seed)
+    rows = batches.epoch_indices(n, batch_size, i, seed)
     batch = {
-      "tokens": jnp.asarray(captions_tokens[rows], jnp.int32),
-      "images": jnp.asarray(np.asarray(images[rows], np.float32)),
-      "image_ids": jnp.asarray(image_ids[rows]),
+      "tokens": np.asarray(captions_tokens[rows], np.int32),
+      "images": np.asarray(images[rows], np.float32),
+      "image_ids": np.asarray(image_ids[rows], np.int32),
     }
-    params, opt_state, loss = step_fns[i < freeze_text_steps](
-      params, opt_state, batch, rng, jnp.int32(i)
-    )
-    losses.append(loss)
+    with partitioning.axis_rules(mesh):
+      state, aux = train_step(state, batch, rng)
+    losses.append(aux["loss"])
     if show_progress and (i + 1) % 10 == 0:
-      bar.set_postfix(loss=f"{float(loss):.3f}")
+      bar.set_postfix(loss=f"{float(aux['loss']):.3f}")
   bar.close()
-  return params, [float(x) for x in jax.device_get(losses)]
+  return state.params, [float(x) for x in jax.device_get(losses)]
 
 
 # ----------------------------------------------------------------------------- retrieval

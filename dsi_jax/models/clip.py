@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsi_jax.losses import l2_normalize
+
 # `_layer_norm` reads only `cfg.layer_norm_eps`, which both tower configs have.
 from dsi_jax.models.text import (
   CONFIG_FILE,
@@ -54,7 +56,6 @@ from dsi_jax.models.text import (
   _layer_norm,
   _need,
   _one_line,
-  l2_normalize,
   load_hf_weights,
 )
 

@@ -5,19 +5,18 @@ model contract around them (`loss_fn`, `predict_batch`, `score_batch`).
 from __future__ import annotations
 
 import functools
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from dsi_jax import decoding, partitioning
+from dsi_jax import decoding
 from dsi_jax import docids as docids_lib
 from dsi_jax import trie as trie_lib
+from dsi_jax.losses import infonce_loss, l2_normalize, shift_right, token_log_likelihood
 from dsi_jax.models.decoder import DocidDecoder
 from dsi_jax.models.vit import ViT
 
@@ -269,20 +268,6 @@ def replace_subtree(params, path: list[str], subtree, shardings=None, name: str 
   return {**params, key: subtree}
 
 
-def shift_right(targets: jax.Array) -> jax.Array:
-  """Decoder inputs `[..., length]`: pad, then the targets without their last position."""
-  pad = [(0, 0)] * (targets.ndim - 1) + [(1, 0)]
-  return jnp.pad(targets[..., :-1], pad, constant_values=docids_lib.PAD)
-
-
-def token_log_likelihood(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """`[batch, length]` log p(target token), zero at padding."""
-  lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], -1)[
-    ..., 0
-  ]
-  return jnp.where(targets != docids_lib.PAD, lp, 0.0)
-
-
 class DSIModel:
   """A DSINetwork bound to a DocidMap and its trie.
 
@@ -379,9 +364,6 @@ class DSIModel:
 
   def _contrastive_loss(self, pooled: jax.Array, parts) -> jax.Array:
     """InfoNCE between the first rows of the two parts (query i pairs with item i)."""
-    from dsi_jax.baselines.dual_encoder import infonce_loss  # it imports this module
-    from dsi_jax.models.text import l2_normalize
-
     n_q, n_i = parts[0].shape[0], parts[1].shape[0]
     n = min(n_q, n_i)
     rows = parts[1][:n]
@@ -493,70 +475,3 @@ class DSIModel:
     return decoding.beam_search(
       tokens_to_logits, init_vars["cache"], self.trie, batch_size=b, num_beams=num_beams
     )
-
-
-def make_optimizer(
-  learning_rate: float = 5e-4,
-  *,
-  warmup_steps: int = 100,
-  weight_decay: float = 1e-4,
-  clip_norm: float = 1.0,
-  decay_matrices_only: bool = False,
-  lr_multipliers: Sequence[tuple[str, float]] = (),
-) -> optax.GradientTransformation:
-  """AdamW with linear warmup then a constant rate, and global-norm clipping.
-
-  decay_matrices_only: weight decay on kernels and embeddings only (not biases, LayerNorm
-    scales or scalars such as a temperature), as CLIP trains.
-  lr_multipliers: `(path, factor)` pairs: the updates (rate and weight decay) of the parameter
-    subtrees under `path` (e.g. "encoder/text_tower") are scaled by `factor`; the first matching
-    path wins. Pretrained towers usually want a smaller rate than fresh layers: at 3e-4, the
-    borrowed MiniLM tower of CLIP-DSI collapsed to one output for every caption.
-  """
-  schedule = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, learning_rate, max(1, warmup_steps)),
-      optax.constant_schedule(learning_rate),
-    ],
-    [max(1, warmup_steps)],
-  )
-  chain = [
-    optax.clip_by_global_norm(clip_norm),
-    optax.adamw(
-      schedule, weight_decay=weight_decay, mask=_matrices if decay_matrices_only else None
-    ),
-  ]
-  if lr_multipliers:
-    chain.append(scale_by_path(lr_multipliers))
-  return optax.chain(*chain)
-
-
-def path_matcher(paths: Sequence[str]):
-  """`match(name) -> index of the first of paths that is a subtree of name, or None`; paths are
-  "/"-separated (e.g. "encoder" matches "encoder/Transformer/..." but not "encoder_norm")."""
-  patterns = [re.compile(rf"(^|/){re.escape(p.strip('/'))}(/|$)") for p in paths]
-
-  def match(name: str) -> int | None:
-    return next((i for i, p in enumerate(patterns) if p.search(name)), None)
-
-  return match
-
-
-def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
-  """Scales the updates of the parameters under each `(path, factor)` by factor (stateless)."""
-  multipliers = tuple((str(p), float(f)) for p, f in multipliers)
-  match = path_matcher([p for p, _ in multipliers])
-
-  def factor(path) -> float:
-    i = match(partitioning.path_string(path))
-    return 1.0 if i is None else multipliers[i][1]
-
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-def _matrices(params):
-  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)

@@ -99,3 +99,28 @@ def make_clip_dsi(
     dtype=dtype,
   )
   return DSINetwork(encoder=encoder, decoder=decoder)
+
+
+def make_vit_clip_dsi(
+  docids: docids_lib.DocidMap,
+  *,
+  text_tower: nn.Module,
+  image_tower: dict,
+  width: int = 256,
+  decoder_depth: int = 2,
+):
+  """CLIP-DSI with a BERT-style `text_tower` (e.g. MiniLM, `text.load_minilm`) and a ViT of
+  `image_tower` sizes (`vit.ViT` arguments); a docid decoder of `width` (4 heads, MLP 4 x width)
+  and `decoder_depth` layers: the Flickr experiment's network."""
+  from dsi_jax.models import vit
+
+  return make_clip_dsi(
+    docids,
+    image_tower=vit.ViT(**image_tower),
+    text_tower=text_tower,
+    text_pad_id=text_tower.config.pad_token_id,
+    width=width,
+    decoder_depth=decoder_depth,
+    num_heads=4,
+    mlp_dim=4 * width,
+  )

@@ -1,9 +1,9 @@
 """BERT text tower in Flax Linen that loads Hugging Face BERT checkpoints (all-MiniLM-L6-v2).
 
 The encoder is the post-LN BERT of Devlin et al. as Hugging Face `BertModel` computes it (exact
-erf GELU, attention that masks padded keys); `mean_pool` and `BertEncoder.embed` add the
-sentence-transformers pooling and L2 normalisation, so `embed` gives all-MiniLM-L6-v2's sentence
-embeddings.
+erf GELU, attention that masks padded keys); `BertEncoder.embed` adds the
+sentence-transformers pooling and L2 normalisation (`dsi_jax.losses.mean_pool`), so `embed`
+gives all-MiniLM-L6-v2's sentence embeddings.
 
 Parameter tree (ViT-style names; `params_from_hf` maps the HF names onto it):
   embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dsi_jax.losses import l2_normalize, mean_pool
 
 Params = Mapping[str, Any]
 
@@ -218,7 +220,7 @@ class BertEncoder(nn.Module):
   `attention_mask` (1 for tokens, 0 for padding) defaults to `input_ids != pad_token_id`, so
   the tower can stand where an encoder takes a single `inputs` array. Padded positions are
   masked as keys only, as in Hugging Face BERT; their own outputs are meaningless (and
-  `mean_pool` ignores them). aux holds "stem" (the embeddings), "block{i:02d}" and "encoded".
+  `losses.mean_pool` ignores them). aux holds "stem" (the embeddings), "block{i:02d}" and "encoded".
   """
 
   config: BertConfig = BertConfig()
@@ -248,17 +250,6 @@ class BertEncoder(nn.Module):
       attention_mask = input_ids != self.config.pad_token_id
     hidden, _ = self(input_ids, attention_mask, token_type_ids, train=train)
     return l2_normalize(mean_pool(hidden, attention_mask))
-
-
-def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
-  """sentence-transformers' mean pooling: the average of `hidden [B, L, H]` where `mask [B, L]`."""
-  m = mask.astype(hidden.dtype)[..., None]
-  return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """`x / max(||x||, eps)` along the last axis (torch's `F.normalize`)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 # ----------------------------------------------------------------------------- HF weights

@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from dsi_jax import docids as docids_lib
-from dsi_jax import metrics as metrics_lib
+from dsi_jax import evaluation, results, runs
 from dsi_jax import train as train_lib
+from dsi_jax.batches import RetrievalData
 
 TEXT_LENGTH = 64
 SCHEMES = ("atomic", "naive", "random", "semantic", "rq")
 SPLITS = ("train", "val", "test")
+METRICS = ("hits@1", "hits@10", "mrr@10")
 
 
 MODELS = ("minilm", "t5")  # MiniLM word pieces + MiniLM-DSI; SentencePiece + T5-DSI from scratch
@@ -75,7 +77,7 @@ def export(
   return out_dir
 
 
-def load_arrays(folder: str) -> tuple[train_lib.RetrievalData, docids_lib.DocidMap]:
+def load_arrays(folder: str) -> tuple[RetrievalData, docids_lib.DocidMap]:
   """The arrays and ids written by `export` (plain .npz and JSON; no pickle)."""
   with np.load(os.path.join(folder, "arrays.npz"), allow_pickle=False) as z:
     fields = {"index_inputs": z["index_inputs"]}
@@ -83,63 +85,91 @@ def load_arrays(folder: str) -> tuple[train_lib.RetrievalData, docids_lib.DocidM
       counts = z[f"{split}_relevant_counts"]
       fields[f"{split}_inputs"] = z[f"{split}_inputs"]
       fields[f"{split}_relevant"] = np.split(z[f"{split}_relevant"], np.cumsum(counts)[:-1])
-  return train_lib.RetrievalData(**fields), docids_lib.DocidMap.load(
-    os.path.join(folder, "docids.json")
+  return RetrievalData(**fields), docids_lib.DocidMap.load(os.path.join(folder, "docids.json"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SquadConfig:
+  """One SQuAD DSI run on an exported folder.
+
+  frozen_encoder: MiniLM stays frozen and the docid decoder trains on its outputs, computed
+    once (what a CPU can afford).
+  t5_sizes: overrides of `dsi.T5_DSI_DEFAULTS` (T5.1.1 small) for folders exported for T5.
+  max_eval_queries: keep only the first validation and test questions (smoke runs).
+  """
+
+  train: train_lib.TrainConfig = train_lib.TrainConfig()
+  frozen_encoder: bool = False
+  t5_sizes: dict | None = None
+  max_eval_queries: int | None = None
+  minilm_path: str | None = None
+
+
+def model_spec(meta: dict, config: SquadConfig, text_length: int) -> runs.ModelSpec:
+  """The run's spec: MiniLM-DSI (frozen or not) on MiniLM word pieces, or T5-DSI."""
+  from dsi_jax.models import dsi
+
+  ranking = {"method": config.train.ranking, "num_beams": 10}
+  if meta["model"] == "t5":
+    sizes = {**dsi.T5_DSI_DEFAULTS, **(config.t5_sizes or {})}
+    kwargs = {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], **sizes}
+    return runs.ModelSpec(
+      "t5_dsi", kwargs, queries=("text",), text_length=text_length, ranking=ranking
+    )
+  return runs.ModelSpec(
+    "minilm_dsi",
+    {"frozen": True} if config.frozen_encoder else {},
+    queries=("text",),
+    text_length=text_length,
+    tokenizer="minilm",
+    pretrained=("all-MiniLM-L6-v2",),
+    ranking=ranking,
   )
 
 
 def run(
-  folder: str,
-  workdir: str | None = None,
-  *,
-  config: train_lib.TrainConfig | None = None,
-  minilm_path: str | None = None,
-  show_progress: bool = True,
-  max_eval_queries: int | None = None,
-  t5_sizes: dict | None = None,
-  frozen_encoder: bool = False,
+  folder: str, workdir: str | None = None, *, config: SquadConfig, show_progress: bool = True
 ) -> list[dict[str, Any]]:
   """Trains MiniLM-DSI (or T5-DSI, for a folder exported with `model="t5"`) on an exported
-  folder; returns result rows (zero-shot and fine-tuned).
-
-  `max_eval_queries` keeps only the first validation and test questions (smoke runs);
-  `t5_sizes` override `dsi.T5_DSI_DEFAULTS` (T5.1.1 small); `frozen_encoder` keeps MiniLM
-  frozen and trains the docid decoder on its outputs, computed once (what a CPU can afford).
-  """
-  from dsi_jax.models import dsi
-
+  folder into `workdir` (a run folder `dsi-jax search` opens); returns result rows (zero-shot
+  and fine-tuned)."""
   data, docids = load_arrays(folder)
-  meta_path = os.path.join(folder, "model.json")
   meta = {"model": "minilm"}
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
+  if os.path.isfile(os.path.join(folder, "model.json")):
+    with open(os.path.join(folder, "model.json")) as f:
       meta = json.load(f)
-  if max_eval_queries is not None:
+  if config.max_eval_queries is not None:
+    n = config.max_eval_queries
     for split in ("val", "test"):
-      setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs")[:max_eval_queries])
-      setattr(data, f"{split}_relevant", getattr(data, f"{split}_relevant")[:max_eval_queries])
-  if meta["model"] == "t5":
-    sizes = {**dsi.T5_DSI_DEFAULTS, **(t5_sizes or {})}
-    network = dsi.make_t5_dsi(docids, vocab_size=meta["vocab_size"], pad_id=meta["pad_id"], **sizes)
-    model = dsi.DSIModel(network, docids)
-  else:
-    model, _ = dsi.make_minilm_dsi(docids, path=minilm_path, frozen=frozen_encoder)
-    if frozen_encoder:
-      data = _encoded(data, model.input_encoder, show_progress)
-  config = config or train_lib.TrainConfig()
+      setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs")[:n])
+      setattr(data, f"{split}_relevant", getattr(data, f"{split}_relevant")[:n])
+  spec = model_spec(meta, config, int(data.index_inputs.shape[1]))
+  model, _ = runs.build_model(spec, docids, minilm_path=config.minilm_path)
+  if config.frozen_encoder:
+    data = _encoded(data, model.input_encoder, show_progress)
   t0 = time.time()
   result = train_lib.train_dsi(
-    model, data, config=config, workdir=workdir, show_progress=show_progress
+    model, data, config=config.train, workdir=workdir, show_progress=show_progress, spec=spec
   )
-  rows = train_lib.result_rows(
-    result,
-    ("hits@1", "hits@10", "mrr@10"),
-    model=f"{meta['model']}_dsi" + ("_frozen_encoder" if frozen_encoder else ""),
-    dataset="squad_v1.1_dev",
-    db_size=len(docids),
-    ids=docids.scheme,
-    num_queries=len(data.test_inputs),
-  )
+  rows = [
+    results.make_row(
+      model=f"{meta['model']}_dsi" + ("_frozen_encoder" if config.frozen_encoder else ""),
+      setting=setting,
+      dataset="squad_v1.1_dev",
+      db_size=len(docids),
+      ids=docids.scheme,
+      num_queries=len(data.test_inputs),
+      metrics={
+        "ia@1": result[setting]["test"]["ia@1"],
+        "ia@5": result[setting]["test"]["ia@5"],
+        **{m: result[setting]["test"][f"test/{m}"] for m in METRICS},
+      },
+      steps=result[setting]["steps"],
+      seconds=round(result[setting]["seconds"], 1),
+    )
+    for setting in ("zero_shot", "fine_tuned")
+    if setting in result
+  ]
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   return rows
 
@@ -147,7 +177,7 @@ def run(
 _ENCODED: dict[str, np.ndarray] = {}  # token arrays -> encoder outputs, shared by the schemes
 
 
-def _encoded(data: train_lib.RetrievalData, encode, show_progress: bool) -> train_lib.RetrievalData:
+def _encoded(data: RetrievalData, encode, show_progress: bool) -> RetrievalData:
   """`data` with every token array replaced by the frozen encoder's outputs (computed once per
   distinct array in this process: all schemes share the same texts)."""
   out = dataclasses.replace(data)
@@ -162,10 +192,27 @@ def _encoded(data: train_lib.RetrievalData, encode, show_progress: bool) -> trai
   return out
 
 
+class MiniLMDualEncoder:
+  """all-MiniLM-L6-v2 as it comes: cosine of mean-pooled embeddings (a zero-shot retriever)."""
+
+  def __init__(self, documents, keys, minilm_path: str | None = None):
+    from dsi_jax.models import text
+
+    self.minilm = text.load_minilm(minilm_path)
+    self.keys = list(keys)
+    self.docs = text.embed_texts(*self.minilm, list(documents))
+
+  def search(self, questions, k: int):
+    from dsi_jax import retrieval
+    from dsi_jax.models import text
+
+    queries = text.embed_texts(*self.minilm, list(questions))
+    return retrieval.topk_keys(queries @ self.docs.T, self.keys, k)
+
+
 def baseline_rows(folder: str, *, minilm_path: str | None = None) -> list[dict[str, Any]]:
   """BM25 and the zero-shot MiniLM dual encoder on the exported test questions."""
   from dsi_jax.baselines.bm25 import BM25
-  from dsi_jax.models import text
 
   data, docids = load_arrays(folder)
   with open(os.path.join(folder, "texts.json")) as f:
@@ -173,30 +220,24 @@ def baseline_rows(folder: str, *, minilm_path: str | None = None) -> list[dict[s
   keys = list(docids.keys)
   relevant = [{keys[i] for i in r} for r in data.test_relevant]
   rows = []
-  t0 = time.time()
-  ranked, _ = BM25(texts["documents"], keys).search(texts["test_questions"], 10)
-  rows.append(("bm25", ranked, time.time() - t0))
-  t0 = time.time()
-  model, params, tokenizer = text.load_minilm(minilm_path)
-  docs = text.embed_texts(model, params, tokenizer, texts["documents"])
-  questions = text.embed_texts(model, params, tokenizer, texts["test_questions"])
-  order = np.argsort(-(questions @ docs.T), axis=1, kind="stable")[:, :10]
-  rows.append(("minilm_dual_encoder", [[keys[j] for j in row] for row in order], time.time() - t0))
-  out = []
-  for name, ranked, seconds in rows:
-    out.append(
-      {
-        "model": name,
-        "setting": "zero_shot",
-        "dataset": "squad_v1.1_dev",
-        "db_size": len(keys),
-        "ids": None,
-        "num_queries": len(relevant),
-        **metrics_lib.compute_metrics(ranked, relevant, ["hits@1", "hits@10", "mrr@10"]),
-        "seconds": round(seconds, 1),
-      }
+  for name, make in (
+    ("bm25", lambda: BM25(texts["documents"], keys)),
+    ("minilm_dual_encoder", lambda: MiniLMDualEncoder(texts["documents"], keys, minilm_path)),
+  ):
+    t0 = time.time()
+    values = evaluation.evaluate(make(), texts["test_questions"], relevant, METRICS)
+    rows.append(
+      results.make_row(
+        model=name,
+        setting="zero_shot",
+        dataset="squad_v1.1_dev",
+        db_size=len(keys),
+        num_queries=len(relevant),
+        metrics=values,
+        seconds=round(time.time() - t0, 1),
+      )
     )
-  return out
+  return rows
 
 
 def default_config(quick: bool = False, model: str = "minilm") -> train_lib.TrainConfig:

@@ -1,0 +1,114 @@
+"""What the trainers read: the retrieval data arrays and the batches drawn from them.
+
+Every batch is a function of its step alone (epochs are seeded permutations), so a run that
+resumes from a checkpoint, or runs on another mesh, sees the same batches. A host builds only
+its own rows of a global batch (`partitioning.host_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dsi_jax import partitioning
+
+if TYPE_CHECKING:
+  from dsi_jax.train import TrainConfig
+
+
+@dataclasses.dataclass
+class RetrievalData:
+  """What training and evaluation read (arrays; issue-4's SeqIO tasks produce the same).
+
+  index_inputs: `[num_ids, ...]` the indexed items, row i has id `docids.keys[i]`.
+  *_inputs: `[num_queries, ...]` query items; *_relevant: per query, relevant item indices.
+  """
+
+  index_inputs: np.ndarray
+  train_inputs: np.ndarray
+  train_relevant: list[np.ndarray]
+  val_inputs: np.ndarray
+  val_relevant: list[np.ndarray]
+  test_inputs: np.ndarray
+  test_relevant: list[np.ndarray]
+
+
+def epoch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
+  """The rows of batch `step`: epochs are seeded permutations, so order depends on step only."""
+  start = step * batch
+  out = []
+  while len(out) < batch:
+    epoch, offset = divmod(start + len(out), n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    out.extend(perm[offset : offset + batch - len(out)].tolist())
+  return np.asarray(out)
+
+
+def example_inputs(data: RetrievalData):
+  """What `DSIModel.init` needs to see: the inputs' shape, or one row of each kind of input
+  where queries and items differ (captions and images)."""
+  if same_kind(data):
+    return data.index_inputs.shape
+  return (data.train_inputs[:1], data.index_inputs[:1])
+
+
+def same_kind(data: RetrievalData) -> bool:
+  a, b = data.index_inputs, data.train_inputs
+  return a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
+
+
+def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh):
+  """Batch `step` of indexing examples (this host's rows of it)."""
+  n = len(data.index_inputs)
+  rows = partitioning.host_rows(config.batch_size, mesh)
+
+  def make_batch(step: int) -> dict:
+    idx = epoch_indices(n, config.batch_size, step, config.seed)[rows]
+    return {"inputs": data.index_inputs[idx], "targets": targets[idx]}
+
+  return make_batch
+
+
+def mixed_batches(
+  data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh, *, paired: bool = False
+):
+  """Batches of query -> random relevant id, mixed with indexing examples (this host's rows).
+
+  Where queries and items are of different kinds (captions, images), `inputs` and `targets`
+  are the tuples `(queries, items)`, each split over the hosts on its own. With `paired`, the
+  indexing examples are the queries' own relevant items, row for row (for a contrastive loss
+  between the towers); the rest of the item rows, if any, are drawn as usual. (`paired` applies
+  to batches of two kinds only.)
+  """
+  n_ret = int(round(config.batch_size * config.retrieval_ratio / (1.0 + config.retrieval_ratio)))
+  n_ret = min(max(n_ret, 1), config.batch_size)
+  n_idx = config.batch_size - n_ret
+  nq, n = len(data.train_inputs), len(data.index_inputs)
+  mixed = same_kind(data) or n_idx == 0
+  if mixed:
+    rows = partitioning.host_rows(config.batch_size, mesh)
+  else:
+    q_rows, i_rows = partitioning.host_rows(n_ret, mesh), partitioning.host_rows(n_idx, mesh)
+
+  def make_batch(step: int) -> dict:
+    # The global batch is [retrieval examples, indexing examples]; a host reads its rows only.
+    q = epoch_indices(nq, n_ret, step, config.seed + 1)
+    rng = np.random.default_rng([config.seed, 7, step])
+    # Spread the targets over all relevant ids: a fresh relevant id each time.
+    rel = np.array([data.train_relevant[j][rng.integers(len(data.train_relevant[j]))] for j in q])
+    idx = epoch_indices(n, n_idx, step, config.seed + 2) if n_idx else np.zeros(0, int)
+    if paired and not mixed:
+      idx[: min(n_ret, n_idx)] = rel[: min(n_ret, n_idx)]
+    if not mixed:
+      return {
+        "inputs": (data.train_inputs[q[q_rows]], data.index_inputs[idx[i_rows]]),
+        "targets": (targets[rel[q_rows]], targets[idx[i_rows]]),
+      }
+    is_query = (np.arange(config.batch_size) < n_ret)[rows]
+    row, tgt = np.concatenate([q, idx])[rows], np.concatenate([rel, idx])[rows]
+    inputs = np.concatenate([data.train_inputs[row[is_query]], data.index_inputs[row[~is_query]]])
+    return {"inputs": inputs, "targets": targets[tgt]}
+
+  return make_batch

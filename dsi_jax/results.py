@@ -134,6 +134,31 @@ def make_row(
   }
 
 
+def phase_rows(
+  train_result: Mapping[str, Any], query_metrics: Sequence[str], **fields: Any
+) -> list[dict[str, Any]]:
+  """One row per phase that `train.train_dsi` ran ("zero_shot", "fine_tuned"): IA@1, IA@5 and
+  the test `query_metrics`, with the phase's steps and seconds; `fields` as in `make_row`."""
+  rows = []
+  for setting in ("zero_shot", "fine_tuned"):
+    if setting not in train_result:
+      continue
+    phase = train_result[setting]
+    test = phase["test"]
+    metrics = {"ia@1": test["ia@1"], "ia@5": test["ia@5"]}
+    metrics.update({m: test[f"test/{m}"] for m in query_metrics})
+    rows.append(
+      make_row(
+        setting=setting,
+        metrics=metrics,
+        steps=phase["steps"],
+        seconds=round(phase["seconds"], 1),
+        **fields,
+      )
+    )
+  return rows
+
+
 def machine() -> str:
   """The machine a result came from, in words: processor, cores and JAX's first device."""
   import jax

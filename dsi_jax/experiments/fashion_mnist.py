@@ -134,28 +134,11 @@ def run_cell(
     show_progress=show_progress,
     spec=model_spec(config),
   )
-  rows = [
-    results.make_row(
-      model="vit_dsi",
-      setting=setting,
-      ids=config.ids,
-      metrics={m: result[setting]["test"][k] for m, k in _test_metrics(BASELINE_METRICS)},
-      steps=result[setting]["steps"],
-      seconds=round(result[setting]["seconds"], 1),
-      **common,
-    )
-    for setting in ("zero_shot", "fine_tuned")
-    if setting in result
-  ]
+  rows = results.phase_rows(result, BASELINE_METRICS, model="vit_dsi", ids=config.ids, **common)
   if config.baselines:
     rows += baseline_rows(name, config, common)
   history = {s: result[s]["history"] for s in ("zero_shot", "fine_tuned") if s in result}
   return rows, history
-
-
-def _test_metrics(names: Sequence[str]) -> list[tuple[str, str]]:
-  """(row metric, key in the trainer's test results): IA@k, then the query metrics."""
-  return [("ia@1", "ia@1"), ("ia@5", "ia@5")] + [(m, f"test/{m}") for m in names]
 
 
 def baseline_rows(task_name: str, config: FashionMnistConfig, common: dict) -> list[dict]:

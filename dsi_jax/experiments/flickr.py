@@ -202,22 +202,7 @@ def train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common)
     show_progress=show_progress,
     spec=clip_dsi_spec(config, int(data.index_inputs.shape[1])),
   )
-  rows = [
-    results.make_row(
-      model="clip_dsi",
-      setting=setting,
-      ids=config.ids,
-      metrics={
-        "ia@1": result[setting]["test"]["ia@1"],
-        "ia@5": result[setting]["test"]["ia@5"],
-        **{m: result[setting]["test"][f"test/{m}"] for m in METRICS},
-      },
-      steps=result[setting]["steps"],
-      seconds=round(result[setting]["seconds"], 1),
-      **common,
-    )
-    for setting in ("zero_shot", "fine_tuned")
-  ]
+  rows = results.phase_rows(result, METRICS, model="clip_dsi", ids=config.ids, **common)
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   return rows
 

@@ -151,25 +151,15 @@ def run(
   result = train_lib.train_dsi(
     model, data, config=config.train, workdir=workdir, show_progress=show_progress, spec=spec
   )
-  rows = [
-    results.make_row(
-      model=f"{meta['model']}_dsi" + ("_frozen_encoder" if config.frozen_encoder else ""),
-      setting=setting,
-      dataset="squad_v1.1_dev",
-      db_size=len(docids),
-      ids=docids.scheme,
-      num_queries=len(data.test_inputs),
-      metrics={
-        "ia@1": result[setting]["test"]["ia@1"],
-        "ia@5": result[setting]["test"]["ia@5"],
-        **{m: result[setting]["test"][f"test/{m}"] for m in METRICS},
-      },
-      steps=result[setting]["steps"],
-      seconds=round(result[setting]["seconds"], 1),
-    )
-    for setting in ("zero_shot", "fine_tuned")
-    if setting in result
-  ]
+  rows = results.phase_rows(
+    result,
+    METRICS,
+    model=f"{meta['model']}_dsi" + ("_frozen_encoder" if config.frozen_encoder else ""),
+    dataset="squad_v1.1_dev",
+    db_size=len(docids),
+    ids=docids.scheme,
+    num_queries=len(data.test_inputs),
+  )
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   return rows
 

@@ -8,14 +8,19 @@ its own rows of a global batch (`partitioning.host_rows`).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from dsi_jax import partitioning
 
-if TYPE_CHECKING:
-  from dsi_jax.train import TrainConfig
+
+class BatchConfig(Protocol):
+  """What batching reads of a trainer's config (`train.TrainConfig` has these fields)."""
+
+  batch_size: int
+  seed: int
+  retrieval_ratio: float
 
 
 @dataclasses.dataclass
@@ -59,7 +64,7 @@ def same_kind(data: RetrievalData) -> bool:
   return a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
 
 
-def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh):
+def index_batches(data: RetrievalData, targets: np.ndarray, config: BatchConfig, mesh):
   """Batch `step` of indexing examples (this host's rows of it)."""
   n = len(data.index_inputs)
   rows = partitioning.host_rows(config.batch_size, mesh)
@@ -72,7 +77,7 @@ def index_batches(data: RetrievalData, targets: np.ndarray, config: TrainConfig,
 
 
 def mixed_batches(
-  data: RetrievalData, targets: np.ndarray, config: TrainConfig, mesh, *, paired: bool = False
+  data: RetrievalData, targets: np.ndarray, config: BatchConfig, mesh, *, paired: bool = False
 ):
   """Batches of query -> random relevant id, mixed with indexing examples (this host's rows).
 

@@ -2,7 +2,8 @@
 
 Every `.py` file of `dsi_jax/` and of `tasks/` (installed as `dsi_jax.tasks`) is read with
 `ast`; every import of a `dsi_jax` module counts, at module level or inside a function,
-absolute or relative, except those under `if TYPE_CHECKING:` (they never run).
+absolute or relative, and those under `if TYPE_CHECKING:` too (a type-only cycle is still a
+tangle: move the shared piece down instead).
 """
 
 from __future__ import annotations
@@ -37,23 +38,9 @@ def _known(name: str) -> str | None:
   return name or None
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-  return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-    isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-  )
-
-
 def _import_nodes(tree: ast.AST):
-  """Every Import / ImportFrom node, skipping the bodies of `if TYPE_CHECKING:`."""
-  stack = [tree]
-  while stack:
-    node = stack.pop()
-    if isinstance(node, ast.Import | ast.ImportFrom):
-      yield node
-    children = list(ast.iter_child_nodes(node))
-    if isinstance(node, ast.If) and _is_type_checking(node.test):
-      children = node.orelse
-    stack.extend(children)
+  """Every Import / ImportFrom node of the file."""
+  return (n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom))
 
 
 def imports_of(module: str) -> set[str]:

@@ -97,20 +97,6 @@ def params_axes(params: Params) -> dict:
   return traverse_util.unflatten_dict({(*k[:-1], f"{k[-1]}_axes"): v for k, v in flat.items()})
 
 
-def _walk_trie(trie: trie_lib.Trie, tokens: jax.Array) -> jax.Array:
-  """Item index of each id row of `tokens` `[..., length]` (id, eos, then pad), -1 if invalid."""
-  node = jnp.zeros(tokens.shape[:-1], jnp.int32)
-  for t in range(tokens.shape[-1]):
-    tok = tokens[..., t]
-    done = trie.node_item[jnp.maximum(node, 0)] >= 0
-    step = trie.transitions[jnp.maximum(node, 0), tok]
-    # After eos only padding may follow; a finished id stays on its terminal node.
-    node = jnp.where(
-      node < 0, -1, jnp.where(done, jnp.where(tok == docids_lib.PAD, node, -1), step)
-    )
-  return jnp.where(node >= 0, trie.node_item[jnp.maximum(node, 0)], -1)
-
-
 class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
   """A `DSINetwork` and its `DocidMap` as a t5x model (see the module docstring)."""
 
@@ -342,7 +328,7 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
       "model": split_counters(init_vars["cache"]),
       "trie_node": jnp.zeros((b,), jnp.int32),  # root
     }
-    transitions = self.trie.transitions  # [nodes, vocab]
+    trie = self.trie
 
     def tokens_to_logits(state: t5x_decoding.DecodingState) -> tuple[jax.Array, dict]:
       tokens = state.cur_token  # [b * beams, 1]: each beam's last token (pad at the start)
@@ -353,11 +339,12 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
         tokens.reshape(b, num_beams, 1),
       )
       new_cache = split_counters(new_vars["cache"])
-      # The beam's node after its last token; -1 once it left the trie (a forbidden token).
-      prev = state.cache["trie_node"]  # [b * beams]
-      child = transitions[jnp.maximum(prev, 0), tokens[:, 0]]
+      # The beam's node (at level `step`) after its last token; -1 once it left the trie (a
+      # forbidden token) or ended (eos). The same trie operations as `decoding.beam_search`.
+      prev = state.cache["trie_node"]  # [b * beams], at level step - 1
+      child = trie.child_at(step - 1, jnp.maximum(prev, 0), tokens[:, 0])
       node = jnp.where(step == 0, 0, jnp.where(prev < 0, -1, child))
-      allowed = (node >= 0)[:, None] & (transitions[jnp.maximum(node, 0)] >= 0)  # [b*beams, V]
+      allowed = (node >= 0)[:, None] & trie.allowed_at(step, jnp.maximum(node, 0))  # [b*beams, V]
       log_probs = jax.nn.log_softmax(logits.reshape(b * num_beams, -1).astype(jnp.float32))
       masked = jnp.where(allowed, log_probs, FORBIDDEN)
       return masked, {"model": new_cache, "trie_node": node}
@@ -374,7 +361,7 @@ class DSIT5XModel(t5x_lib_models.BaseTransformerModel):
       cache_offset=0,
       **decoder_params,
     )  # [b, beams, length], [b, beams] (best last)
-    items = _walk_trie(self.trie, decodes)
+    items = self.trie.lookup(decodes)
     valid = (items >= 0) & (search_scores > _INVALID_SCORE)
     items = jnp.where(valid, items, -1)
     decodes = jnp.where(valid[..., None], decodes, docids_lib.PAD)

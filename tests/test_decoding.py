@@ -69,18 +69,55 @@ def random_docids(rng, n, num_codes, min_len, max_len):
   )
 
 
-def test_trie_tables_small():
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_trie_levels_small(layout):
   dm = docids_lib.from_mapping({"a": [0, 1], "b": [0], "c": [1, 1]}, num_codes=2)
-  trie = trie_lib.build_trie(dm)
-  t = np.asarray(trie.transitions)
-  root_children = t[0]
-  assert root_children[docids_lib.PAD] == -1 and root_children[docids_lib.EOS] == -1
-  n0 = root_children[2]  # prefix "0"
-  assert n0 > 0 and root_children[3] > 0
+  trie = trie_lib.build_trie(dm, layout=layout)
+  assert trie.max_length == 3 and trie.num_items == 3 and trie.num_nodes == 1 + 2 + 2
+  assert trie.layout == ((layout if layout == "dense" else "csr"),) * 2 + ("leaf",)
+  allowed = lambda level, node: np.flatnonzero(np.asarray(trie.allowed(level, jnp.array(node))))  # noqa: E731
+  code = lambda c: c + docids_lib.NUM_SPECIAL  # noqa: E731
+  # The root allows codes 0 and 1; neither pad nor eos.
+  assert allowed(0, 0).tolist() == [code(0), code(1)]
+  n0 = int(trie.child(0, jnp.array(0), jnp.array(code(0))))
+  n1 = int(trie.child(0, jnp.array(0), jnp.array(code(1))))
+  assert (n0, n1) == (0, 1)  # level 1 is numbered in token order
   # "0" is a complete id (b) and a prefix of "0 1" (a): eos and code 1 both allowed.
-  assert t[n0, docids_lib.EOS] >= 0 and t[n0, 3] >= 0 and t[n0, 2] == -1
-  assert np.asarray(trie.node_item)[t[n0, docids_lib.EOS]] == dm.index("b")
-  assert trie.max_length == 3 and trie.num_items == 3
+  assert allowed(1, n0).tolist() == [docids_lib.EOS, code(1)]
+  assert int(trie.levels[1].item[n0]) == dm.index("b")
+  assert allowed(1, n1).tolist() == [code(1)]  # "1" alone is not an id
+  assert int(trie.child(1, jnp.array(n0), jnp.array(code(0)))) == -1
+  # Every id's tokens look up to its item; anything else to -1.
+  np.testing.assert_array_equal(trie.lookup(dm.targets()), np.arange(3))
+  bad = np.array(
+    [
+      [code(1), docids_lib.EOS, 0],
+      [code(0), code(0), docids_lib.EOS],
+      [code(0), docids_lib.EOS, code(1)],
+      [docids_lib.PAD, 0, 0],
+    ]
+  )
+  np.testing.assert_array_equal(trie.lookup(bad), [-1, -1, -1, -1])
+
+
+def test_trie_rejects_bad_targets():
+  eos, pad = docids_lib.EOS, docids_lib.PAD
+  with pytest.raises(ValueError, match="share an id"):
+    trie_lib.from_targets(np.array([[2, eos], [2, eos]]), 4)
+  with pytest.raises(ValueError, match="row 1 .*codes, eos, then padding"):
+    trie_lib.from_targets(np.array([[2, eos, pad], [2, pad, eos]]), 4)
+  with pytest.raises(ValueError, match="row 0 has none"):
+    trie_lib.from_targets(np.array([[2, 3]]), 4)
+  with pytest.raises(ValueError, match="layout"):
+    trie_lib.from_targets(np.array([[2, eos]]), 4, layout="csr")
+
+
+def test_atomic_ids_need_no_table_beyond_o_n():
+  n = 5000
+  trie = trie_lib.build_trie(docids_lib.atomic_ids([f"d{i}" for i in range(n)]))
+  # One row over the output layer (the live items) and one item per node: O(N), not O(N^2).
+  assert trie.layout == ("dense", "leaf")
+  assert trie.nbytes <= 3 * 4 * (n + 2)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -184,3 +221,81 @@ def test_atomic_ids_decode_to_the_top_k_distinct_items():
     assert len(set(items)) == beams and min(items) >= 0
     expected = np.argsort(-np.asarray(table[q, docids_lib.NUM_SPECIAL :]), kind="stable")[:beams]
     assert items == expected.tolist()
+
+
+def random_mixed_docids(rng, n):
+  """Random ids of mixed lengths over a random number of codes, some ids prefixes of others."""
+  num_codes = int(rng.integers(2, 7))
+  possible = sum(num_codes**length for length in range(1, 5))
+  return random_docids(rng, n=min(n, possible // 2), num_codes=num_codes, min_len=1, max_len=4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sparse_and_dense_layouts_give_identical_ids_and_scores(seed):
+  rng = np.random.default_rng(500 + seed)
+  dm = random_mixed_docids(rng, int(rng.integers(3, 80)))
+  batch, beams = 3, int(rng.integers(1, 16))
+  make_cache, tokens_to_logits, _ = toy_model(batch, dm.vocab_size, seed)
+  results = {}
+  for layout in ("dense", "sparse", "auto"):
+    trie = trie_lib.build_trie(dm, layout=layout)
+    results[layout] = run_search(tokens_to_logits, make_cache(beams), trie, batch, beams)
+  assert "csr" in trie_lib.build_trie(dm, layout="sparse").layout
+  for layout in ("sparse", "auto"):
+    np.testing.assert_array_equal(results[layout].items, results["dense"].items)
+    np.testing.assert_array_equal(results[layout].tokens, results["dense"].tokens)
+    np.testing.assert_array_equal(results[layout].scores, results["dense"].scores)
+    assert int(results[layout].steps) == int(results["dense"].steps)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_lookup_finds_every_id_on_both_layouts(layout):
+  rng = np.random.default_rng(7)
+  dm = random_mixed_docids(rng, 200)
+  trie = trie_lib.build_trie(dm, layout=layout)
+  targets = dm.targets()
+  np.testing.assert_array_equal(trie.lookup(targets), np.arange(len(dm)))
+  # Truncated ids (eos moved earlier) are found only where that prefix is itself an id.
+  valid = {tuple(r) for r in targets.tolist()}
+  cut = targets.copy()
+  for row in cut:
+    end = int(np.argmax(row == docids_lib.EOS))
+    if end > 1:
+      row[end - 1], row[end] = docids_lib.EOS, docids_lib.PAD
+  found = np.asarray(trie.lookup(cut))
+  for row, item in zip(cut.tolist(), found.tolist()):
+    assert (item >= 0) == (tuple(row) in valid)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_removed_items_never_come_back(layout):
+  rng = np.random.default_rng(11)
+  dm = random_mixed_docids(rng, 60)
+  n, batch = len(dm), 4
+  trie = trie_lib.build_trie(dm, layout=layout)
+  make_cache, tokens_to_logits, score = toy_model(batch, dm.vocab_size, 3)
+  before = run_search(tokens_to_logits, make_cache(n), trie, batch, n)
+  # Remove every query's best item and a random third of the rest.
+  removed = set(before.items[:, 0].tolist()) | set(rng.choice(n, n // 3, replace=False).tolist())
+  pruned = trie.remove(sorted(removed))
+  kept = [i for i in range(n) if i not in removed]
+  for beams in (1, 5, n):
+    after = run_search(tokens_to_logits, make_cache(beams), pruned, batch, beams)
+    for q in range(batch):
+      found = [i for i in after.items[q].tolist() if i >= 0]
+      assert not set(found) & removed
+      assert len(found) == min(beams, len(kept))
+  # With every beam, the ranking is the old one with the removed items taken out.
+  after = run_search(tokens_to_logits, make_cache(n), pruned, batch, n)
+  for q in range(batch):
+    expected = [i for i in before.items[q].tolist() if i not in removed]
+    assert after.items[q, : len(kept)].tolist() == expected
+    np.testing.assert_array_equal(after.items[q, len(kept) :], -1)
+  np.testing.assert_array_equal(
+    np.asarray(pruned.lookup(dm.targets())), [i if i not in removed else -1 for i in range(n)]
+  )
+  # Removing everything leaves nothing to find; a bad index is an error.
+  empty = trie.remove(range(n))
+  assert np.all(run_search(tokens_to_logits, make_cache(3), empty, batch, 3).items == -1)
+  with pytest.raises(ValueError, match="remove"):
+    trie.remove([n])

@@ -55,7 +55,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_decode import (  # noqa: E402
+from bench_common import (  # noqa: E402
   int_list,
   markdown_table,
   pyplot,

@@ -194,10 +194,11 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
     mem["dense_build_s"] = time.perf_counter() - t0
     assert dense.nbytes == before_bytes
   report["memory"].append(mem)
+  dense_note = f"built in {mem['dense_build_s']:.1f}s" if dense else "not built"
   print(
     f"{layout} N={human(n)}: levels {mem['levels']} branching {mem['branching']}, "
     f"{trie.nbytes / 2**20:.2f} MiB built in {build_s:.2f}s (dense layout "
-    f"{before_bytes / 2**20:.1f} MiB{', built in %.1fs' % mem['dense_build_s'] if dense else ', not built'})",
+    f"{before_bytes / 2**20:.1f} MiB, {dense_note})",
     flush=True,
   )
   host = None
@@ -246,7 +247,8 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
         row["dense_step_ms"] = 1e3 * td["median_s"] / int(dsteps)
         row["dense_query_ms"] = 1e3 * td["median_s"] / batch
         row["dense_over_sparse"] = row["dense_step_ms"] / row["step_ms"]
-        line += f", dense {row['dense_step_ms']:.3f} ({'same ids' if row['dense_matches'] else 'IDS DIFFER'})"
+        same = "same ids" if row["dense_matches"] else "IDS DIFFER"
+        line += f", dense {row['dense_step_ms']:.3f} ({same})"
       if "plain" in args.refs:
         plain = jax.jit(
           functools.partial(
@@ -306,7 +308,8 @@ def summarize(rows: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[
   ratios = [s["ratio"] for s in scaling]
   return {
     "step_time_ratio": {
-      "what": "step time at the largest N / at the smallest N, per layout and config (target <= 1.5)",
+      "what": "step time at the largest N / at the smallest N, per layout and config "
+      "(target <= 1.5)",
       "max": max(ratios) if ratios else None,
       "median": statistics.median(ratios) if ratios else None,
       "within_target": sum(x <= 1.5 for x in ratios),
@@ -423,9 +426,10 @@ def main(argv=None) -> int:
   report["method"] = {
     "model": "synthetic tokens_to_logits: bias[query] + table[position] + hash(last token), "
     "[rows, vocab] (isolates the decoder's cost)",
-    "sparse": "dsi_jax.decoding.beam_search on dsi_jax.trie.from_targets (layout auto) under jax.jit",
-    "dense": "the previous layout and search (tools/decode_references.py): transitions[nodes, vocab], "
-    "lax.while_loop, full-vocabulary row and top-k over beams x vocab per step",
+    "sparse": "dsi_jax.decoding.beam_search on dsi_jax.trie.from_targets (layout auto), jitted",
+    "dense": "the previous layout and search (tools/decode_references.py): "
+    "transitions[nodes, vocab], lax.while_loop, full-vocabulary row and top-k over beams x "
+    "vocab per step",
     "step_time": "median call time / decode steps run; compile excluded; each repeat averages "
     "back-to-back calls lasting >= min_time",
   }

@@ -22,6 +22,7 @@ Schemes:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -101,6 +102,10 @@ class DocidMap:
       "num_codes": self.num_codes,
       "ids": {k: list(c) for k, c in zip(self.keys, self.codes)},
     }
+
+  def sha256(self) -> str:
+    """Hash of the map's content (scheme, codes and every key's id), recorded by a run."""
+    return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the map as JSON atomically (temp file in the same folder, then rename)."""

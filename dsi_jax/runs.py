@@ -232,6 +232,23 @@ def find_run(folder: str) -> str:
   raise ValueError(f"{folder} holds {len(found)} runs; name one: {', '.join(found)}")
 
 
+def check_ids(workdir: str, docids: docids_lib.DocidMap) -> None:
+  """Refuses ids that are not the ones the run was trained with (`run.json`'s hash)."""
+  path = os.path.join(workdir, "run.json")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get("docids_sha256")
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    raise ValueError(f"{path}: unreadable run record ({e})") from None
+  if recorded and recorded != docids.sha256():
+    raise ValueError(
+      f"{os.path.join(workdir, 'docids.json')}: the ids differ from those the run was trained "
+      f"with (sha256 recorded in {path}); restore the run's docids.json"
+    )
+
+
 def load_run(
   folder: str, *, phase: str | None = None, minilm_path: str | None = None, batch_size: int = 64
 ) -> Run:
@@ -244,6 +261,7 @@ def load_run(
   workdir = find_run(folder)
   spec = load_spec(workdir)
   docids = docids_lib.DocidMap.load(os.path.join(workdir, "docids.json"))
+  check_ids(workdir, docids)
   phases = [phase] if phase else list(PHASES)
   for name in phases:
     if name not in PHASES:

@@ -13,7 +13,6 @@ command line (`dsi_jax.cli`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -304,11 +303,10 @@ def run_fingerprint(model: dsi.DSIModel, params, config: TrainConfig, finetune: 
   settings = dataclasses.asdict(config)
   for name in ("mesh_data", "mesh_fsdp", "mesh_model", "checkpoint_every", "max_to_keep"):
     settings.pop(name)
-  ids = json.dumps(model.docids.to_json(), sort_keys=True).encode()
   return {
     "train_config": settings,
     "finetune": finetune,
-    "docids_sha256": hashlib.sha256(ids).hexdigest(),
+    "docids_sha256": model.docids.sha256(),
     **(
       {"contrastive": [model.contrastive_weight, model.contrastive_temperature]}
       if model.contrastive_weight > 0

@@ -56,3 +56,27 @@ def test_k_larger_than_corpus_pads_with_minus_one():
     assert items.shape == (2, 10)
     assert sorted(items[0, :6].tolist()) == list(range(6))
     assert np.all(items[:, 6:] == -1) and np.all(np.isneginf(scores[:, 6:]))
+
+
+def test_removed_items_are_never_ranked_again():
+  model, params = make_test_model(num_ids=30)
+  images = jax.random.uniform(jax.random.PRNGKey(4), (3, 8, 8, 1))
+  n = len(model.docids)
+  before, _ = model.rank(params, images, n, method="exact")
+  gone = {model.docids.keys[i] for i in before[:, 0]} | {"k3", "k7"}
+  model.remove(sorted(gone))
+  removed = {model.docids.index(k) for k in gone}
+  for method, beams in (("exact", None), ("beam", 5), ("beam", n)):
+    items, scores = model.rank(params, images, n, method=method, num_beams=beams)
+    found = [[i for i in row if i >= 0] for row in items.tolist()]
+    assert not any(set(row) & removed for row in found)
+    if beams != 5:  # every live item, in the old order, then -1
+      for row, old in zip(found, before.tolist()):
+        assert row == [i for i in old if i not in removed]
+      assert np.all(np.isneginf(scores[:, n - len(removed) :]))
+  try:
+    model.remove(["nope"])
+  except ValueError as e:
+    assert "nope" in str(e)
+  else:
+    raise AssertionError("an unknown key must be refused")

@@ -153,3 +153,15 @@ def test_squad_run_finds_a_paragraph_by_its_text(tmp_path, capsys):
     assert hits[0]["key"] == f"p{i}"
   assert cli.main(["search", str(tmp_path / "run"), "--image", str(folder / "docids.json")]) == 2
   assert "reads text queries" in capsys.readouterr().err
+  # Ids permuted among the keys (still a valid map) are refused, naming the file.
+  ids_path = tmp_path / "run" / "docids.json"
+  original = ids_path.read_text()
+  permuted = docids_lib.from_mapping(
+    {f"p{i}": [(i + 1) % 4] for i in range(4)}, num_codes=4, scheme="atomic"
+  )
+  permuted.save(str(ids_path))
+  assert cli.main(["search", str(tmp_path / "run"), "--text", paragraphs[0]]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "docids.json: the ids differ" in err
+  ids_path.write_text(original)
+  assert search_json(capsys, str(tmp_path / "run"), "--text", paragraphs[0], "-k", "1")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import sys
@@ -386,6 +387,130 @@ def plot(report: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _fmt(x: float | None) -> str:
+  if x is None:
+    return "–"
+  return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def targets_text(memory: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+  """The issue's targets, checked on these reports (one line each)."""
+  lines = []
+  for m in memory:
+    if (m["layout"], m["n"]) == ("r256x3", 1_000_000):
+      lines.append(
+        f"- 1M ids of 3 codes over 256: {m['trie_mib']:.2f} MiB (target ≤ 20), built in "
+        f"{m['build_s']:.2f} s (target ≤ 2); the dense layout: {m['dense_mib']:.0f} MiB"
+      )
+    if m["layout"] == "atomic" and m["n"] >= 1_000_000:
+      lines.append(
+        f"- atomic ids at {human(m['n'])}: {m['trie_mib']:.2f} MiB, {m['bytes_per_id']:.1f} bytes "
+        f"per id (the dense layout: {m['dense_mib'] / 2**10:.0f} GiB)"
+      )
+    if (m["layout"], m["n"]) == ("r256x4", 10_000_000):
+      done = [r for r in rows if (r["layout"], r["n"]) == ("r256x4", 10_000_000) and "step_ms" in r]
+      lines.append(
+        f"- 10M ids of 4 codes over 256: {m['trie_mib']:.1f} MiB built in {m['build_s']:.1f} s, "
+        f"decoded in {len(done)} configurations"
+      )
+  timed = [r for r in rows if "step_ms" in r]
+  for layout in dict.fromkeys(r["layout"] for r in timed):
+    ns = sorted({r["n"] for r in timed if r["layout"] == layout})
+    ratios = []
+    for r in timed:
+      if r["layout"] == layout and r["n"] == ns[-1] and len(ns) > 1:
+        base = [
+          b["step_ms"]
+          for b in timed
+          if (b["layout"], b["n"], b["batch"], b["beams"])
+          == (layout, ns[0], r["batch"], r["beams"])
+        ]
+        if base:
+          ratios.append((r["batch"], r["beams"], r["step_ms"] / base[0]))
+    if ratios:
+      text = ", ".join(f"{b}×{k}: {x:.2f}" for b, k, x in ratios)
+      lines.append(
+        f"- {layout}: step time at {human(ns[-1])} / at {human(ns[0])} (target ≤ 1.5): {text}"
+      )
+  versus = [r for r in timed if "dense_step_ms" in r and (r["batch"], r["beams"]) == (64, 10)]
+  if versus:
+    text = ", ".join(
+      f"{r['layout']} {human(r['n'])}: {r['dense_step_ms'] / r['step_ms']:.2f}" for r in versus
+    )
+    lines.append(f"- batch 64 × 10 beams, dense step / sparse step (> 1: sparse faster): {text}")
+  return "\n".join(lines)
+
+
+def render(reports: list[dict[str, Any]]) -> str:
+  """Markdown tables of one or more reports (memory and build; step and query time; targets)."""
+  memory = [m for r in reports for m in r["memory"]]
+  rows = [row for r in reports for row in r["results"]]
+  out = [
+    markdown_table(
+      [
+        {
+          **m,
+          "n": human(m["n"]),
+          "dense_mib": m["dense_mib"],
+          "dense_build_s": m.get("dense_build_s"),
+        }
+        for m in memory
+      ],
+      [
+        ("ids", "layout"),
+        ("N", "n"),
+        ("vocab", "vocab"),
+        ("levels (D dense, C CSR, L items)", "levels"),
+        ("trie MiB", "trie_mib"),
+        ("build s", "build_s"),
+        ("dense layout MiB", "dense_mib"),
+        ("dense build s", "dense_build_s"),
+      ],
+    ),
+    "",
+  ]
+  configs = list(dict.fromkeys((r["batch"], r["beams"]) for r in rows))
+  table = []
+  for layout, n in dict.fromkeys((r["layout"], r["n"]) for r in rows):
+    entry = {"layout": layout, "n": human(n)}
+    for batch, beams in configs:
+      match = [
+        r
+        for r in rows
+        if (r["layout"], r["n"], r["batch"], r["beams"]) == (layout, n, batch, beams)
+      ]
+      if not match:
+        continue
+      r = match[0]
+      if "step_ms" not in r:
+        entry[(batch, beams)] = "skipped¹"
+        continue
+      cell = f"{_fmt(r['step_ms'])} / {_fmt(r['query_ms'])}"
+      if "dense_step_ms" in r:
+        cell += f" ({_fmt(r['dense_step_ms'])})"
+      if "plain_step_ms" in r:
+        cell += f" [no trie {_fmt(r['plain_step_ms'])}]"
+      entry[(batch, beams)] = cell
+      entry["steps"] = r["steps"]
+    table.append(entry)
+  out.append(
+    markdown_table(
+      table,
+      [("ids", "layout"), ("N", "n"), ("steps", "steps")]
+      + [
+        (f"batch {b} × {k} beams: ms/step / ms/query (dense ms/step)", (b, k)) for b, k in configs
+      ],
+    )
+  )
+  out.append("")
+  out.append(targets_text(memory, rows))
+  skipped = {r["skipped"] for r in rows if "skipped" in r}
+  if skipped:
+    out.append("")
+    out.append("¹ " + "; ".join(sorted(skipped)))
+  return "\n".join(out)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     description="Trie memory, build time and constrained-decode time against the number of ids.",
@@ -407,6 +532,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
   p.add_argument("--min-time", type=float, default=None, help="seconds per timed repeat")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--render", nargs="+", default=None, help="print the tables of saved reports, run nothing"
+  )
   args = p.parse_args(argv)
   unknown = set(args.layouts) - set(LAYOUTS)
   if unknown:
@@ -422,6 +550,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.render:
+    reports = []
+    for path in args.render:
+      with open(path) as f:
+        reports.append(json.load(f))
+    print(render(reports))
+    return 0
   report = start_report("bench_decode", args)
   report["method"] = {
     "model": "synthetic tokens_to_logits: bias[query] + table[position] + hash(last token), "
@@ -444,41 +579,7 @@ def main(argv=None) -> int:
   png = os.path.join(args.out, "bench_decode.png")
   plot(report, png)
   print()
-  print(
-    markdown_table(
-      report["memory"],
-      [
-        ("ids", "layout"),
-        ("N", "n"),
-        ("vocab", "vocab"),
-        ("levels", "levels"),
-        ("trie MiB", "trie_mib"),
-        ("build s", "build_s"),
-        ("dense MiB", "dense_mib"),
-        ("dense build s", "dense_build_s"),
-      ],
-    )
-  )
-  print()
-  print(
-    markdown_table(
-      rows,
-      [
-        ("ids", "layout"),
-        ("N", "n"),
-        ("batch", "batch"),
-        ("beams", "beams"),
-        ("steps", "steps"),
-        ("ms/step", "step_ms"),
-        ("ms/query", "query_ms"),
-        ("dense ms/step", "dense_step_ms"),
-        ("dense/sparse", "dense_over_sparse"),
-        ("no-trie ms/step", "plain_step_ms"),
-        ("host ms/step", "host_step_ms"),
-        ("skipped", "skipped"),
-      ],
-    )
-  )
+  print(render([report]))
   s = report["summary"]["step_time_ratio"]
   print()
   print(

@@ -5,7 +5,7 @@ model contract around them (`loss_fn`, `predict_batch`, `score_batch`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -304,6 +304,7 @@ class DSIModel:
     self.pretrained = dict(pretrained or {})
     self.input_dtype = jnp.int32 if network.pad_id is not None else jnp.float32
     self.trie = trie_lib.build_trie(docids)
+    self.live = np.ones(len(docids), bool)  # items not removed (`remove`)
     self.all_targets = jnp.asarray(docids.targets())  # [num_ids, max_length]
     self.exact_max_ids = exact_max_ids
     self.contrastive_weight = float(contrastive_weight)
@@ -381,7 +382,7 @@ class DSIModel:
     self, params: Params, inputs: jax.Array, *, num_beams: int
   ) -> decoding.BeamResult:
     """Trie-constrained beam search: the `num_beams` best distinct valid ids per query."""
-    return self._predict(params, inputs, num_beams=num_beams)
+    return self._predict(params, inputs, self.trie, num_beams=num_beams)
 
   def score_all(self, params: Params, inputs: jax.Array) -> jax.Array:
     """`[batch, num_ids]` exact log-likelihood of every id (teacher-forced).
@@ -393,6 +394,16 @@ class DSIModel:
     chunks = -(-n // max(1, 8192 // max(1, inputs.shape[0])))
     chunk = -(-n // chunks)  # even chunks: little padding
     return self._score_all(params, inputs, chunk=chunk)
+
+  def remove(self, keys: Sequence[str]) -> None:
+    """Takes items out of the index at once, without training: no later `rank` (beam or
+    exact) returns them. Their ids are not reused; nothing is recompiled."""
+    unknown = [k for k in keys if k not in self.docids._index]
+    if unknown:
+      raise ValueError(f"cannot remove unknown keys: {', '.join(map(str, unknown[:5]))}")
+    items = [self.docids.index(k) for k in keys]
+    self.trie = self.trie.remove(items)
+    self.live[items] = False
 
   def rank(
     self,
@@ -413,8 +424,10 @@ class DSIModel:
       method = "exact" if len(self.docids) <= self.exact_max_ids else "beam"
     if method == "exact":
       scores = np.asarray(self.score_all(params, inputs))
+      scores = np.where(self.live[None, :], scores, -np.inf)
       order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-      items, top = order, np.take_along_axis(scores, order, 1)
+      top = np.take_along_axis(scores, order, 1)
+      items = np.where(np.isneginf(top), -1, order)
     elif method == "beam":
       beams = max(k, num_beams or k)
       result = jax.device_get(self.predict_batch(params, inputs, num_beams=beams))
@@ -457,7 +470,7 @@ class DSIModel:
     _, scores = jax.lax.scan(score_chunk, None, targets)  # [chunks, b, chunk]
     return jnp.moveaxis(scores, 0, 1).reshape(b, padded)[:, :n]
 
-  def _predict_impl(self, params, inputs, *, num_beams: int):
+  def _predict_impl(self, params, inputs, trie, *, num_beams: int):
     encoded = self._encode(params, inputs)  # [b, patches, d], shared by the beams
     b = inputs.shape[0]
     decode = functools.partial(
@@ -473,5 +486,5 @@ class DSIModel:
       return logits[:, :, -1].reshape(b * num_beams, -1), new_vars["cache"]
 
     return decoding.beam_search(
-      tokens_to_logits, init_vars["cache"], self.trie, batch_size=b, num_beams=num_beams
+      tokens_to_logits, init_vars["cache"], trie, batch_size=b, num_beams=num_beams
     )

@@ -24,9 +24,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsi_jax import errors
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "best", "progress")
+
+
+class CheckpointWriteError(errors.UserError):
+  """A checkpoint could not be written: the run stops, the last good step stays."""
 
 
 @dataclasses.dataclass
@@ -59,8 +65,9 @@ class PhaseCheckpoints:
   """Saves and restores one phase's (state, best params, progress) every `every` steps."""
 
   def __init__(self, directory: str, *, every: int = 0, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+    self.directory = errors.writable_folder(os.path.abspath(directory), "checkpoint folder")
     self.every = every
+    self.failed = False
     self.manager = ocp.CheckpointManager(
       self.directory,
       item_names=ITEMS,
@@ -73,14 +80,25 @@ class PhaseCheckpoints:
     return self.every > 0 and phase_step % self.every == 0
 
   def save(self, state, best_params, progress: Progress) -> None:
-    """Writes step `state.step` (asynchronously; `close` waits)."""
+    """Writes step `state.step` and waits for it: a save that fails raises
+    CheckpointWriteError at once (the run stops; the last complete step stays restorable)."""
     items = {
       "state": ocp.args.StandardSave(state),
       "progress": ocp.args.JsonSave(dataclasses.asdict(progress)),
     }
     if best_params is not None:
       items["best"] = ocp.args.StandardSave(best_params)
-    self.manager.save(int(state.step), args=ocp.args.Composite(**items), force=True)
+    step = int(state.step)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # orbax raises many types; each means this step is not on disk
+      self.failed = True
+      reason = (str(e).splitlines() or [type(e).__name__])[0]
+      raise CheckpointWriteError(
+        f"could not write checkpoint step {step} ({reason}) ({self.directory})"
+      ) from None
 
   def restore(self, state_template, best_template=None):
     """`(state, best_params, Progress)` of the latest complete step, or None if there is none.
@@ -103,8 +121,13 @@ class PhaseCheckpoints:
     return restored["state"], (restored["best"] if has_best else None), progress
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if not self.failed:
+      self.manager.wait_until_finished()
+    try:
+      self.manager.close()
+    except Exception:  # after a failed save, closing may report the same failure again
+      if not self.failed:
+        raise
 
 
 def restore_params(directory: str, template_params: Any) -> Any:

@@ -30,6 +30,10 @@ def _demo(args) -> int:
   return 0
 
 
+def _project_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 @functools.cache
 def _gin_entry_point():
   """Registers the gin configurables once per process; returns the experiment to run."""
@@ -48,8 +52,7 @@ def _gin_entry_point():
   run_experiment = gin.external_configurable(fashion_mnist.run_experiment, module="dsi_jax")
   gin.external_configurable(flickr.run_flickr_experiment, module="dsi_jax")
   # `include 'gin_configs/...'` lines resolve from the working folder or the project root.
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(flickr.__file__))))
-  gin.add_config_file_search_path(root)
+  gin.add_config_file_search_path(_project_root())
 
   def main(experiment=run_experiment):
     """`dsi_jax.main.experiment` names the experiment to run (default: the Fashion-MNIST
@@ -63,9 +66,18 @@ def _gin_entry_point():
 def _train(args) -> int:
   import gin
 
+  from dsi_jax import errors
+
   run = _gin_entry_point()
   gin.clear_config()
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+  for path in args.gin_file:
+    if not os.path.isfile(path) and not os.path.isfile(os.path.join(_project_root(), path)):
+      raise errors.UserError(f"{path}: no such gin file")
+  try:
+    gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+  except Exception as e:  # gin's parser raises many types (SyntaxError, TokenError, ...)
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    raise errors.UserError(f"bad gin configuration: {first}") from None
   run()
   return 0
 
@@ -155,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
 
   args = parser.parse_args(argv)
   _quiet_logs()
+  from dsi_jax import errors
+
   try:
     return args.fn(args)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"dsi-jax {args.command}: error: {e}", file=sys.stderr)
+  except (errors.UserError, FileNotFoundError, ValueError) as e:
+    message = (str(e).splitlines() or [type(e).__name__])[0]
+    print(f"dsi-jax {args.command}: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from dsi_jax import errors
+
 METRICS = ("ia@1", "ia@5", "map@10", "recall@100")  # the seed's Table 1
 TEXT_METRICS = ("hits@1", "hits@10", "mrr@10")  # the DSI paper's question answering table
 CAPTION_METRICS = ("recall@1", "recall@5", "recall@10")  # text -> image retrieval (CLIP-DSI)
@@ -234,8 +236,24 @@ def write_json(obj: Any, path: str) -> None:
 
 
 def load(path: str) -> dict:
-  with open(path) as f:
-    data = json.load(f)
+  """A `results.json` (rows, config, ...), checked; errors are one line naming the file."""
+  if os.path.isdir(path):
+    raise errors.UserError(f"{path}: a folder, not a results.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise errors.UserError(f"{path}: no such file") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise errors.UserError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-    raise ValueError(f"{path}: not a results file (expected an object with a 'rows' list)")
+    raise errors.UserError(f"{path}: not a results file (expected an object with a 'rows' list)")
+  for i, row in enumerate(data["rows"]):
+    if not isinstance(row, dict):
+      raise errors.UserError(f"{path}: row {i} is not an object")
+    missing = [k for k in ("model", "db_size", "num_queries") if k not in row]
+    if missing:
+      raise errors.UserError(f"{path}: row {i} has no {', '.join(missing)}")
+  if not data["rows"]:
+    raise errors.UserError(f"{path}: no rows")
   return data

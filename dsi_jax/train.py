@@ -28,7 +28,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from dsi_jax import checkpoints as checkpoints_lib
-from dsi_jax import evaluation, optim, partitioning, retrieval
+from dsi_jax import errors, evaluation, optim, partitioning, retrieval
 from dsi_jax import results as results_lib
 from dsi_jax.batches import RetrievalData, example_inputs, index_batches, mixed_batches
 from dsi_jax.checkpoints import restore_params
@@ -78,6 +78,28 @@ class TrainConfig:
   # Learning-rate factors of parameter subtrees, `((path, factor), ...)`, e.g.
   # `(("encoder", 0.1),)` for a pretrained text encoder under fresh decoder layers.
   lr_multipliers: tuple[tuple[str, float], ...] = ()
+
+  def __post_init__(self):
+    """Bad values are one-line errors here, before anything is written."""
+    positive = ("batch_size", "eval_batch_size", "index_eval_every", "finetune_eval_every")
+    positive += ("ia_beams", "max_to_keep")
+    counts = ("warmup_steps", "index_max_steps", "index_min_steps", "finetune_max_steps")
+    counts += ("patience", "checkpoint_every", "freeze_steps", "seed")
+    for name in positive + counts:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise errors.UserError(f"TrainConfig.{name} must be an integer, got {value!r}")
+      if value < (1 if name in positive else 0):
+        bound = ">= 1" if name in positive else ">= 0"
+        raise errors.UserError(f"TrainConfig.{name} must be {bound}, got {value}")
+    for name in ("learning_rate", "weight_decay", "retrieval_ratio", "index_target_accuracy"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise errors.UserError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
+    if self.ranking not in ("exact", "beam", "auto"):
+      raise errors.UserError(
+        f"TrainConfig.ranking must be 'exact', 'beam' or 'auto', got {self.ranking!r}"
+      )
 
   def make_mesh(self) -> jax.sharding.Mesh:
     return partitioning.make_mesh(self.mesh_data, self.mesh_fsdp, self.mesh_model)
@@ -322,7 +344,7 @@ def run_fingerprint(model: dsi.DSIModel, params, config: TrainConfig, finetune: 
 def _prepare_workdir(workdir: str, fingerprint: dict) -> bool:
   """Keeps an earlier run's checkpoints if it was this same run (returns True: resume);
   otherwise removes its checkpoints and curves so that they always belong to this run."""
-  os.makedirs(workdir, exist_ok=True)
+  errors.writable_folder(workdir, "workdir")
   path = os.path.join(workdir, "run.json")
   same = False
   if os.path.exists(path):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dsi_jax import evaluation, results, runs
+from dsi_jax import errors, evaluation, results, runs
 from dsi_jax import train as train_lib
 from dsi_jax.models import dsi
 
@@ -188,6 +188,7 @@ def run_experiment(
     from dsi_jax import partitioning
 
     partitioning.initialize_distributed()
+  errors.writable_folder(workdir, "workdir")
   rows, _ = run_cell(config, workdir, show_progress=show_progress)
   return results.write_report(
     workdir, rows, _describe(config), command="dsi-jax train --gin_file=..."
@@ -223,7 +224,7 @@ def run_demo(
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-  os.makedirs(out_dir, exist_ok=True)
+  errors.writable_folder(out_dir)
   t0 = time.time()
   all_rows, histories = [], {}
   for seed in seeds:

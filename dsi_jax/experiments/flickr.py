@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dsi_jax import evaluation, results, runs
+from dsi_jax import errors, evaluation, results, runs
 from dsi_jax import train as train_lib
 
 METRICS = ("recall@1", "recall@5", "recall@10")
@@ -133,6 +133,7 @@ def run_flickr_experiment(
   prototypes on the same test captions; writes `workdir/results.json`."""
   from dsi_jax.models import text
 
+  errors.writable_folder(workdir, "workdir")
   corpus, data, docids = _prepare(config, workdir)
   minilm = text.load_minilm(config.minilm_path)
   common = dict(

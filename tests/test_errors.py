@@ -1,0 +1,149 @@
+"""Bad input through the CLI and the trainer: exit 2, one line on stderr naming the problem,
+and nothing half written."""
+
+import json
+import os
+
+import orbax.checkpoint as ocp
+import pytest
+from test_train import TINY, tiny_data  # noqa: E402
+
+from dsi_jax import checkpoints, cli
+from dsi_jax import docids as docids_lib
+from dsi_jax import train as train_lib
+from dsi_jax.models import dsi
+
+FMNIST_GIN = "gin_configs/experiments/fmnist512_clustered.gin"
+
+
+def listing(folder):
+  return sorted(
+    os.path.relpath(os.path.join(root, f), folder)
+    for root, dirs, files in os.walk(folder)
+    for f in files + dirs
+  )
+
+
+def fails(capsys, argv, *expected):
+  """Runs `dsi-jax argv`; checks exit 2 and one stderr line holding every `expected` text."""
+  capsys.readouterr()
+  assert cli.main(argv) == 2, argv
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert err.startswith(f"dsi-jax {argv[0]}: error: "), err
+  for text in expected:
+    assert text in err, (text, err)
+  return err
+
+
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_search_k_must_be_positive(tmp_path, capsys, k):
+  fails(capsys, ["search", str(tmp_path), "--caption", "x", "-k", k], "-k must be >= 1")
+
+
+def test_search_of_a_folder_that_is_no_run(tmp_path, capsys):
+  fails(capsys, ["search", str(tmp_path), "--caption", "x"], str(tmp_path), "not a run folder")
+
+
+def test_train_gin_files_that_are_missing_or_broken(tmp_path, capsys):
+  fails(capsys, ["train", f"--gin_file={tmp_path / 'nope.gin'}"], "nope.gin: no such gin file")
+  bad = tmp_path / "bad.gin"
+  bad.write_text("dsi_jax.TrainConfig.batch_size = (\n")
+  fails(capsys, ["train", f"--gin_file={bad}"], "bad gin configuration")
+  fails(capsys, ["train", f"--gin_file={FMNIST_GIN}", "--gin_bindings=nonsense ="], "bad gin")
+
+
+@pytest.mark.parametrize(
+  "binding, expected",
+  [
+    ("batch_size='abc'", "TrainConfig.batch_size must be an integer, got 'abc'"),
+    ("batch_size=0", "TrainConfig.batch_size must be >= 1, got 0"),
+    ("learning_rate=-1.0", "TrainConfig.learning_rate must be a number >= 0"),
+    ("ranking='best'", "TrainConfig.ranking must be"),
+  ],
+)
+def test_bad_train_config_values_write_nothing(tmp_path, capsys, binding, expected):
+  workdir = tmp_path / "run"
+  argv = [
+    "train",
+    f"--gin_file={FMNIST_GIN}",
+    f"--gin_bindings=dsi_jax.run_experiment.workdir='{workdir}'",
+    f"--gin_bindings=dsi_jax.TrainConfig.{binding}",
+  ]
+  fails(capsys, argv, expected)
+  assert not workdir.exists()
+
+
+def test_output_folder_that_is_a_file(tmp_path, capsys):
+  out = tmp_path / "out"
+  out.write_text("a file")
+  fails(capsys, ["demo", "--quick", "--out", str(out), "--no-progress"], str(out), "is a file")
+  assert out.read_text() == "a file"
+
+
+@pytest.mark.parametrize(
+  "content, expected",
+  [
+    (None, "a folder, not a results.json"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not valid JSON"),
+    (b'{"rows": [{"model": "bm25"', "not valid JSON"),
+    (b'{"rows": [1, 2]}', "row 0 is not an object"),
+    (b'{"rows": [{"db_size": 3, "num_queries": 2}]}', "row 0 has no model"),
+    (b'{"rows": []}', "no rows"),
+    (b'[{"model": "bm25"}]', "not a results file"),
+  ],
+)
+def test_table_on_files_that_are_not_results(tmp_path, capsys, content, expected):
+  path = tmp_path / "results.json"
+  if content is None:
+    path.mkdir()
+  else:
+    path.write_bytes(content)
+  fails(capsys, ["table", str(path)], str(path), expected)
+  fails(capsys, ["table", str(tmp_path / "missing.json")], "missing.json: no such file")
+
+
+def test_table_of_a_results_file_without_config_prints_its_rows(tmp_path, capsys):
+  row = {"model": "bm25", "db_size": 3, "num_queries": 2, "hits@1": 0.5}
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps({"rows": [row]}))
+  assert cli.main(["table", str(path)]) == 0
+  assert "| bm25 |" in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run(tmp_path, monkeypatch):
+  """The second save fails (as on a full or read-only disk): training stops there with one
+  line naming the folder, and the first checkpoint still restores."""
+  data = tiny_data()
+  ids = docids_lib.random_ids([f"img{i}" for i in range(16)], num_codes=4, seed=0)
+  model = dsi.DSIModel(dsi.make_vit_dsi(ids, **TINY), ids)
+  config = train_lib.TrainConfig(
+    batch_size=8,
+    warmup_steps=2,
+    index_target_accuracy=1.0,
+    index_max_steps=40,
+    index_eval_every=5,
+    checkpoint_every=5,
+    eval_batch_size=8,
+  )
+  real_save = ocp.CheckpointManager.save
+  saved = []
+
+  def failing_save(self, step, *args, **kwargs):
+    if saved:
+      raise OSError(28, "No space left on device")
+    saved.append(step)
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", failing_save)
+  with pytest.raises(checkpoints.CheckpointWriteError) as info:
+    train_lib.train_dsi(model, data, config=config, workdir=str(tmp_path), show_progress=False)
+  message = str(info.value)
+  assert len(message.splitlines()) == 1
+  assert "could not write checkpoint step 10" in message and "No space left" in message
+  assert str(tmp_path / "checkpoints" / "zero_shot") in message
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  assert saved == [5]
+  restored = checkpoints.PhaseCheckpoints(str(tmp_path / "checkpoints" / "zero_shot"))
+  assert restored.manager.latest_step() == 5
+  restored.close()

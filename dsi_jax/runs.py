@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,8 @@ SPEC_FORMAT = 1
 FACTORIES = ("vit_dsi", "minilm_dsi", "clip_dsi", "t5_dsi")
 QUERY_KINDS = ("image", "text")
 PHASES = ("fine_tuned", "zero_shot")  # the phase a search uses: the last one trained
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,11 +174,22 @@ class Run:
       if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
       with open(path, "rb") as f:
-        rows.append(
-          images.preprocess_image(
-            f.read(), size=self.spec.image_size, aspect_range=None, source=path
-          )
+        pixels = images.decode_image(f.read(), source=path)
+      height, width = pixels.shape[:2]
+      side = min(height, width)
+      if side * side < 0.5 * height * width:  # say what the centre crop throws away
+        log.warning(
+          "%s: a %d x %d image; the model sees its centre %d x %d square (%.0f %% of it)",
+          path,
+          width,
+          height,
+          side,
+          side,
+          100.0 * side / max(height, width),
         )
+      rows.append(
+        images.preprocess_image(pixels, size=self.spec.image_size, aspect_range=None, source=path)
+      )
     return inputs_lib.image_inputs(np.stack(rows))
 
   def prepare_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -147,3 +147,23 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run(tmp_path, monkeypatch
   restored = checkpoints.PhaseCheckpoints(str(tmp_path / "checkpoints" / "zero_shot"))
   assert restored.manager.latest_step() == 5
   restored.close()
+
+
+def test_a_very_wide_image_query_says_what_the_crop_keeps(tmp_path, caplog):
+  import cv2
+  import numpy as np
+
+  from dsi_jax import runs
+
+  path = tmp_path / "wide.png"
+  cv2.imwrite(str(path), np.full((20, 500, 3), 128, np.uint8))
+  run = runs.Run(str(tmp_path), "zero_shot", runs.ModelSpec("vit_dsi", image_size=8), *[None] * 3)
+  with caplog.at_level("WARNING"):
+    pixels = run.prepare_images([str(path)])
+  assert pixels.shape == (1, 8, 8, 3)
+  assert "a 500 x 20 image; the model sees its centre 20 x 20 square (4 % of it)" in caplog.text
+  caplog.clear()
+  cv2.imwrite(str(path), np.full((20, 30, 3), 128, np.uint8))
+  with caplog.at_level("WARNING"):
+    run.prepare_images([str(path)])
+  assert "centre" not in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 
@@ -70,14 +71,31 @@ def _train(args) -> int:
 
   run = _gin_entry_point()
   gin.clear_config()
+  root = _project_root()
+  files = []
   for path in args.gin_file:
-    if not os.path.isfile(path) and not os.path.isfile(os.path.join(_project_root(), path)):
+    found = [p for p in (path, os.path.join(root, path)) if os.path.isfile(p)]
+    if not found:
       raise errors.UserError(f"{path}: no such gin file")
+    files.append(os.path.abspath(found[0]))
+  # `include 'gin_configs/...'` lines name files under the project root: parse from there when
+  # the working folder has no gin_configs/ of its own (relative workdirs still resolve from the
+  # working folder, since training runs after the parse). gin logs an error for every include
+  # it looks for in the wrong place before the right one: those lines are dropped.
+  here = os.getcwd()
+  not_found = logging.Filter()
+  not_found.filter = lambda record: not str(record.msg).startswith("Path not found")
+  logging.getLogger().addFilter(not_found)
   try:
-    gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+    if not os.path.isdir(os.path.join(here, "gin_configs")):
+      os.chdir(root)
+    gin.parse_config_files_and_bindings(files, args.gin_bindings)
   except Exception as e:  # gin's parser raises many types (SyntaxError, TokenError, ...)
     first = (str(e).splitlines() or [type(e).__name__])[0]
     raise errors.UserError(f"bad gin configuration: {first}") from None
+  finally:
+    os.chdir(here)
+    logging.getLogger().removeFilter(not_found)
   run()
   return 0
 

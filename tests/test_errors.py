@@ -13,6 +13,7 @@ from dsi_jax import docids as docids_lib
 from dsi_jax import train as train_lib
 from dsi_jax.models import dsi
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_GIN = "gin_configs/experiments/fmnist512_clustered.gin"
 
 
@@ -62,11 +63,13 @@ def test_train_gin_files_that_are_missing_or_broken(tmp_path, capsys):
     ("ranking='best'", "TrainConfig.ranking must be"),
   ],
 )
-def test_bad_train_config_values_write_nothing(tmp_path, capsys, binding, expected):
+def test_bad_train_config_values_write_nothing(tmp_path, capsys, monkeypatch, binding, expected):
+  # Run from outside the repository: the gin file's includes resolve without error lines.
+  monkeypatch.chdir(tmp_path)
   workdir = tmp_path / "run"
   argv = [
     "train",
-    f"--gin_file={FMNIST_GIN}",
+    f"--gin_file={os.path.join(ROOT, FMNIST_GIN)}",
     f"--gin_bindings=dsi_jax.run_experiment.workdir='{workdir}'",
     f"--gin_bindings=dsi_jax.TrainConfig.{binding}",
   ]

@@ -4,7 +4,8 @@ Names are `dsi_jax_<corpus>_<ids>` (the mixture), `..._indexing` and `..._retrie
 
   dsi_jax_fmnist{512,1024,2048}_{random,clustered}   Fashion-MNIST, same class = relevant
   dsi_jax_imagefolder{512,1024,2048}_{random,clustered}  an ImageNet-layout folder
-  dsi_jax_coco{512,1024,2048}_random                  COCO 2017 val, shared category = relevant
+  dsi_jax_coco{512,1024,2048}_random                  COCO 2017 train + val, a shared category
+                                                      = relevant
   dsi_jax_flickr{8k,30k}1k_{random,atomic,semantic}  captions -> their image (semantic ids
                                                       from the training captions' MiniLM embeddings)
   dsi_jax_squad_{random,naive,atomic,semantic,rq}     SQuAD v1.1 dev, question -> paragraph
@@ -63,7 +64,8 @@ class Source:
     name: the source's short name ("fmnist", "flickr8k", ...).
     builder: registered builder name, e.g. "dsi_fashion_mnist".
     config: builder config, e.g. "32px".
-    split: the split the corpus is sampled from.
+    split: the split the corpus is sampled from; "a+b" is the union of those of them that the
+      prepared data has.
     env: environment variable naming the source folder or file (None: the builder's default).
     relevance: "class", "category", "caption" or "qa" (which sampler of `corpus_lib`).
   """
@@ -98,7 +100,11 @@ SOURCES = {  # name: Source(name, builder, config, split, environment variable, 
   "imagefolder": Source(
     "imagefolder", "dsi_image_folder", "64px", "train", "DSI_JAX_IMAGE_FOLDER", "class"
   ),
-  "coco": Source("coco", "dsi_coco2017", "64px", "validation", "DSI_JAX_COCO_DIR", "category"),
+  # COCO: square photos are rare (about 1 in 40 passes the [0.9, 1.1] aspect filter), so the
+  # corpora draw from train2017 and val2017 together, as the seed did.
+  "coco": Source(
+    "coco", "dsi_coco2017", "64px", "train+validation", "DSI_JAX_COCO_DIR", "category"
+  ),
   "flickr8k": Source(
     "flickr8k", "dsi_flickr", "64px_all", "train", "DSI_JAX_FLICKR8K_DIR", "caption"
   ),
@@ -162,16 +168,41 @@ def _text(values) -> list[str]:
   return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
+def source_split(source: Source, builder) -> str:
+  """`source.split` ("a" or "a+b") cut to the splits the prepared `builder` has."""
+  wanted = source.split.split("+")
+  have = [s for s in wanted if s in builder.info.splits]
+  if not have:
+    raise ValueError(
+      f"{builder.info.full_name}: the prepared data has no {' or '.join(wanted)} split"
+    )
+  return "+".join(have)
+
+
+def _too_few_categories(source: Source, builder, split: str, num_items, eligible: int) -> str:
+  skipped = builder.info.metadata.get("skipped_aspect", {})
+  skipped = sum(int(skipped.get(s, 0)) for s in split.split("+"))
+  return (
+    f"{source.name}: {num_items} items asked, but only {eligible} images of "
+    f"{builder.info.full_name} ({split}) have object categories and passed its aspect "
+    f"filter ({skipped} images were skipped for their aspect ratio)"
+  )
+
+
 def sample(source: Source, builder, num_items: int | None, seed: int) -> corpus_lib.Corpus:
   """Samples a corpus of `num_items` from the prepared dataset."""
-  info = {"dataset": builder.info.full_name, "split": source.split}
+  split = source_split(source, builder)
+  info = {"dataset": builder.info.full_name, "split": split}
   if source.relevance == "class":
-    cols = _columns(builder, source.split, ("key", "label"))
+    cols = _columns(builder, split, ("key", "label"))
     return corpus_lib.class_corpus(
       _text(cols["key"]), np.asarray(cols["label"]), num_items=num_items, seed=seed, source=info
     )
   if source.relevance == "category":
-    cols = _columns(builder, source.split, ("key", "categories"))
+    cols = _columns(builder, split, ("key", "categories"))
+    eligible = sum(1 for c in cols["categories"] if len(c))
+    if num_items is not None and num_items > eligible:
+      raise ValueError(_too_few_categories(source, builder, split, num_items, eligible))
     return corpus_lib.category_corpus(
       _text(cols["key"]),
       [c.tolist() for c in cols["categories"]],
@@ -180,7 +211,7 @@ def sample(source: Source, builder, num_items: int | None, seed: int) -> corpus_
       source=info,
     )
   if source.relevance == "caption":
-    cols = _columns(builder, source.split, ("key", "captions"))
+    cols = _columns(builder, split, ("key", "captions"))
     return corpus_lib.caption_corpus(
       _text(cols["key"]),
       [_text(c) for c in cols["captions"]],
@@ -188,7 +219,7 @@ def sample(source: Source, builder, num_items: int | None, seed: int) -> corpus_
       seed=seed,
       source=info,
     )
-  cols = _columns(builder, source.split, ("key", "questions"))
+  cols = _columns(builder, split, ("key", "questions"))
   questions = [
     list(zip(_text(q["id"]), _text(q["question"]), strict=True)) for q in cols["questions"]
   ]
@@ -303,12 +334,13 @@ def load_corpus_data(
   else:
     corpus, docids = sample(source, builder, num_items, seed), None
   images = texts = None
+  split = source_split(source, builder)
   if source.relevance == "qa":
-    cols = _columns(builder, source.split, ("key", "text"))
+    cols = _columns(builder, split, ("key", "text"))
     texts = dict(zip(_text(cols["key"]), _text(cols["text"]), strict=True))
   else:
     wanted = set(corpus.item_keys)
-    images = _images(builder, source.split, wanted)
+    images = _images(builder, split, wanted)
     missing = wanted - set(images)
     if missing:
       raise ValueError(

@@ -295,3 +295,67 @@ def test_flickr8k_tasks_mix_images_and_captions():
   assert data.train_inputs.shape == (3000, 32) and data.train_inputs.dtype == np.int32
   assert data.test_inputs.shape == (1000, 32)
   assert all(len(r) == 1 for r in data.test_relevant)
+
+
+def _coco_folder(root, *, train_square: int, val_square: int, val_wide: int):
+  """A COCO-layout folder of tiny JPEGs, every image with one object category."""
+  import json
+
+  import cv2
+
+  rng = np.random.default_rng(0)
+  image_id = 0
+  for split, square, wide in (("train2017", train_square, 0), ("val2017", val_square, val_wide)):
+    os.makedirs(root / split, exist_ok=True)
+    images, annotations = [], []
+    for i in range(square + wide):
+      image_id += 1
+      name = f"{image_id:012d}.jpg"
+      shape = (12, 12, 3) if i < square else (12, 30, 3)
+      cv2.imwrite(str(root / split / name), rng.integers(0, 255, shape, dtype=np.uint8))
+      images.append({"id": image_id, "file_name": name})
+      annotations.append({"id": image_id, "image_id": image_id, "category_id": 1 + i % 5})
+    os.makedirs(root / "annotations", exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(
+      json.dumps({"images": images, "annotations": annotations, "categories": []})
+    )
+
+
+def test_coco_corpora_draw_from_train_and_val_or_say_how_many_images_passed(tmp_path, monkeypatch):
+  """Square photos are rare in COCO: the 512-item corpus needs train2017 as well as val2017,
+  and a folder that cannot give it says how many images passed the aspect filter."""
+  both = tmp_path / "coco"
+  _coco_folder(both, train_square=300, val_square=300, val_wide=200)
+  names = task_datasets.register(
+    "coco",
+    num_items=512,
+    scheme="random",
+    name="test_coco512",
+    location=str(both),
+    corpus_dir=tmp_path / "corpus",
+  )
+  arrays, ids = tasks.retrieval_data(names["mixture"])
+  corpus = tasks.corpus_data("test_coco512").corpus
+  assert corpus.source["split"] == "train+validation"
+  items = set(corpus.item_keys)
+  assert len(items) == 512 and len(ids) == len(corpus.indexed)
+  assert any(int(k[:12]) <= 300 for k in items) and any(int(k[:12]) > 300 for k in items)
+  val_only = tmp_path / "coco_val"
+  _coco_folder(val_only, train_square=0, val_square=300, val_wide=200)
+  (val_only / "annotations" / "instances_train2017.json").unlink()
+  # tfds knows a prepared dataset by name only: prepare this folder in a data dir of its own.
+  monkeypatch.setenv(task_datasets.DATA_DIR_ENV, str(tmp_path / "data_val"))
+  names = task_datasets.register(
+    "coco",
+    num_items=512,
+    scheme="random",
+    name="test_coco512_val",
+    location=str(val_only),
+    corpus_dir=tmp_path / "corpus_val",
+  )
+  with pytest.raises(ValueError) as info:
+    tasks.retrieval_data(names["mixture"])
+  message = str(info.value)
+  assert "\n" not in message
+  assert "512 items asked, but only 300 images" in message and "(validation)" in message
+  assert "200 images were skipped for their aspect ratio" in message

@@ -12,6 +12,7 @@ inputs through the same functions the SeqIO tasks use (`dsi_jax.data.inputs`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -72,6 +73,10 @@ class ModelSpec:
 
   def to_json(self) -> dict:
     return {"format": SPEC_FORMAT, **dataclasses.asdict(self)}
+
+  def sha256(self) -> str:
+    """Hash of the spec's content, recorded in the run's `run.json` and checked at load."""
+    return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
   @classmethod
   def from_json(cls, data: Any, where: str) -> ModelSpec:
@@ -246,21 +251,27 @@ def find_run(folder: str) -> str:
   raise ValueError(f"{folder} holds {len(found)} runs; name one: {', '.join(found)}")
 
 
-def check_ids(workdir: str, docids: docids_lib.DocidMap) -> None:
-  """Refuses ids that are not the ones the run was trained with (`run.json`'s hash)."""
+def check_identity(workdir: str, docids: docids_lib.DocidMap, spec: ModelSpec) -> None:
+  """Refuses ids or a model spec that are not the ones the run was trained with (the hashes
+  its `run.json` recorded; runs that recorded none are not checked)."""
   path = os.path.join(workdir, "run.json")
   if not os.path.exists(path):
     return
   try:
     with open(path) as f:
-      recorded = json.load(f).get("docids_sha256")
+      record = json.load(f)
+    record = {k: record.get(k) for k in ("docids_sha256", "spec_sha256")}
   except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
     raise ValueError(f"{path}: unreadable run record ({e})") from None
-  if recorded and recorded != docids.sha256():
-    raise ValueError(
-      f"{os.path.join(workdir, 'docids.json')}: the ids differ from those the run was trained "
-      f"with (sha256 recorded in {path}); restore the run's docids.json"
-    )
+  for key, name, what, actual in (
+    ("docids_sha256", "docids.json", "ids differ", docids.sha256()),
+    ("spec_sha256", SPEC_FILE, "model spec differs", spec.sha256()),
+  ):
+    if record[key] and record[key] != actual:
+      raise ValueError(
+        f"{os.path.join(workdir, name)}: the {what} from what the run was trained "
+        f"with (sha256 recorded in {path}); restore the run's {name}"
+      )
 
 
 def load_run(
@@ -275,7 +286,7 @@ def load_run(
   workdir = find_run(folder)
   spec = load_spec(workdir)
   docids = docids_lib.DocidMap.load(os.path.join(workdir, "docids.json"))
-  check_ids(workdir, docids)
+  check_identity(workdir, docids, spec)
   phases = [phase] if phase else list(PHASES)
   for name in phases:
     if name not in PHASES:

@@ -401,6 +401,8 @@ def train_dsi(
     from clu import metric_writers
 
     fingerprint = run_fingerprint(model, state.params, config, finetune)
+    if spec is not None:
+      fingerprint["spec_sha256"] = spec.sha256()
     if _prepare_workdir(workdir, fingerprint):
       log.info("Resuming the run in %s", workdir)
     model.docids.save(os.path.join(workdir, "docids.json"))

@@ -162,6 +162,17 @@ def test_squad_run_finds_a_paragraph_by_its_text(tmp_path, capsys):
   permuted.save(str(ids_path))
   assert cli.main(["search", str(tmp_path / "run"), "--text", paragraphs[0]]) == 2
   err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and "docids.json: the ids differ" in err
+  assert len(err.splitlines()) == 1 and "docids.json: the ids differ from what the run" in err
   ids_path.write_text(original)
+  assert search_json(capsys, str(tmp_path / "run"), "--text", paragraphs[0], "-k", "1")
+  # So is a model spec edited after training (still a valid spec), naming model.json.
+  spec_path = tmp_path / "run" / "model.json"
+  spec_text = spec_path.read_text()
+  edited = json.loads(spec_text)
+  edited["ranking"] = {"method": "beam", "num_beams": 3}
+  spec_path.write_text(json.dumps(edited))
+  assert cli.main(["search", str(tmp_path / "run"), "--text", paragraphs[0]]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "model.json: the model spec differs from" in err
+  spec_path.write_text(spec_text)
   assert search_json(capsys, str(tmp_path / "run"), "--text", paragraphs[0], "-k", "1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 import sys
 
@@ -80,12 +79,8 @@ def _train(args) -> int:
     files.append(os.path.abspath(found[0]))
   # `include 'gin_configs/...'` lines name files under the project root: parse from there when
   # the working folder has no gin_configs/ of its own (relative workdirs still resolve from the
-  # working folder, since training runs after the parse). gin logs an error for every include
-  # it looks for in the wrong place before the right one: those lines are dropped.
+  # working folder, since training runs after the parse).
   here = os.getcwd()
-  not_found = logging.Filter()
-  not_found.filter = lambda record: not str(record.msg).startswith("Path not found")
-  logging.getLogger().addFilter(not_found)
   try:
     if not os.path.isdir(os.path.join(here, "gin_configs")):
       os.chdir(root)
@@ -95,7 +90,6 @@ def _train(args) -> int:
     raise errors.UserError(f"bad gin configuration: {first}") from None
   finally:
     os.chdir(here)
-    logging.getLogger().removeFilter(not_found)
   run()
   return 0
 

@@ -287,7 +287,6 @@ def from_targets(
     ends = lens == t
     item[node[ends]] = order[ends]
     deeper = lens > t
-    changed = changed.copy()
     changed[1:] |= rows[1:, t] != rows[:-1, t]  # (lengths < row length: t is a column)
     first = changed & deeper  # the first row of every node of level t + 1
     parent = node[first]

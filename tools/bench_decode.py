@@ -208,6 +208,8 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
   rows = []
   for batch in args.batches:
     make_cache, tokens_to_logits = synthetic_model(trie.max_length, vocab, batch, args.seed)
+    if host is not None:
+      search_host = HostTrieSearch(tokens_to_logits, host, vocab, trie.max_length)
     for beams in args.beams:
       row = {"layout": layout, "n": n, "batch": batch, "beams": beams, "vocab": vocab}
       step_bytes = 4 * batch * beams * vocab * 4  # logits, log-probs, candidates, mix
@@ -260,7 +262,6 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
         row["plain_step_ms"] = 1e3 * tp["median_s"] / steps
         line += f", no trie {row['plain_step_ms']:.3f}"
       if host is not None:
-        search_host = HostTrieSearch(tokens_to_logits, host, vocab, trie.max_length)
         h_items, _ = search_host(cache, batch, beams)
         row["host_matches"] = bool(np.array_equal(h_items, result.items))
         th = time_call(search_host, cache, batch, beams, repeats=2, min_time=args.min_time)
@@ -272,32 +273,33 @@ def bench_layout(layout: str, n: int, args, report: dict) -> list[dict[str, Any]
   return rows
 
 
-def summarize(rows: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[str, Any]:
-  timed = [r for r in rows if "step_ms" in r]
-  scaling = []
-  for layout in dict.fromkeys(r["layout"] for r in timed):
-    ns = sorted({r["n"] for r in timed if r["layout"] == layout})
-    if len(ns) < 2:
-      continue
-    for r in timed:
-      if r["layout"] != layout or r["n"] != ns[-1]:
-        continue
-      base = [
-        b
-        for b in timed
-        if (b["layout"], b["n"], b["batch"], b["beams"]) == (layout, ns[0], r["batch"], r["beams"])
-      ]
-      if base:
-        scaling.append(
+def step_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per layout and (batch, beams): step time at the layout's largest N / at its smallest."""
+  timed = {
+    (r["layout"], r["n"], r["batch"], r["beams"]): r["step_ms"] for r in rows if "step_ms" in r
+  }
+  out = []
+  for layout in dict.fromkeys(key[0] for key in timed):
+    ns = sorted({key[1] for key in timed if key[0] == layout})
+    for (lay, n, batch, beams), step in timed.items():
+      base = timed.get((layout, ns[0], batch, beams))
+      if lay == layout and n == ns[-1] and len(ns) > 1 and base:
+        out.append(
           {
             "layout": layout,
-            "batch": r["batch"],
-            "beams": r["beams"],
+            "batch": batch,
+            "beams": beams,
             "n_small": ns[0],
             "n_large": ns[-1],
-            "ratio": r["step_ms"] / base[0]["step_ms"],
+            "ratio": step / base,
           }
         )
+  return out
+
+
+def summarize(rows: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[str, Any]:
+  timed = [r for r in rows if "step_ms" in r]
+  scaling = step_ratios(rows)
   versus = [
     {
       k: r[k]
@@ -414,24 +416,14 @@ def targets_text(memory: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
         f"decoded in {len(done)} configurations"
       )
   timed = [r for r in rows if "step_ms" in r]
-  for layout in dict.fromkeys(r["layout"] for r in timed):
-    ns = sorted({r["n"] for r in timed if r["layout"] == layout})
-    ratios = []
-    for r in timed:
-      if r["layout"] == layout and r["n"] == ns[-1] and len(ns) > 1:
-        base = [
-          b["step_ms"]
-          for b in timed
-          if (b["layout"], b["n"], b["batch"], b["beams"])
-          == (layout, ns[0], r["batch"], r["beams"])
-        ]
-        if base:
-          ratios.append((r["batch"], r["beams"], r["step_ms"] / base[0]))
-    if ratios:
-      text = ", ".join(f"{b}×{k}: {x:.2f}" for b, k, x in ratios)
-      lines.append(
-        f"- {layout}: step time at {human(ns[-1])} / at {human(ns[0])} (target ≤ 1.5): {text}"
-      )
+  ratios = step_ratios(rows)
+  for layout in dict.fromkeys(r["layout"] for r in ratios):
+    mine = [r for r in ratios if r["layout"] == layout]
+    text = ", ".join(f"{r['batch']}×{r['beams']}: {r['ratio']:.2f}" for r in mine)
+    lines.append(
+      f"- {layout}: step time at {human(mine[0]['n_large'])} / at {human(mine[0]['n_small'])} "
+      f"(target ≤ 1.5): {text}"
+    )
   versus = [r for r in timed if "dense_step_ms" in r and (r["batch"], r["beams"]) == (64, 10)]
   if versus:
     text = ", ".join(

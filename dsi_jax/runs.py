@@ -295,8 +295,11 @@ def load_run(
   if not found:
     raise FileNotFoundError(f"{workdir}: no {' or '.join(phases)} checkpoint")
   model, tokenizer = build_model(spec, docids, minilm_path=minilm_path)
+  record = os.path.join(workdir, "run.json")
   params = checkpoints.restore_params(
-    os.path.join(workdir, "checkpoints", found[0]), param_template(spec, model)
+    os.path.join(workdir, "checkpoints", found[0]),
+    param_template(spec, model),
+    run_id=checkpoints.file_sha256(record) if os.path.exists(record) else None,
   )
   retriever = retrieval.DSIRetriever(
     model,

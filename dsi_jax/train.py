@@ -13,10 +13,8 @@ command line (`dsi_jax.cli`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 from dsi_jax import checkpoints as checkpoints_lib
 from dsi_jax import errors, evaluation, optim, partitioning, retrieval
 from dsi_jax import results as results_lib
+from dsi_jax import workdir as workdir_lib
 from dsi_jax.batches import RetrievalData, example_inputs, index_batches, mixed_batches
 from dsi_jax.checkpoints import restore_params
 from dsi_jax.models import dsi
@@ -247,43 +246,45 @@ def run_phase(
     progress.loss_count += len(losses)
     return []
 
-  for i in range(num_steps if progress.done else progress.phase_step, num_steps):
-    batch = partitioning.global_batch(make_batch(i), mesh)
-    with partitioning.axis_rules(mesh):
-      state, aux = train_step(state, batch, rng)
-    losses.append(aux["loss"])
-    bar.update(1)
-    progress.phase_step = n = i + 1
-    stop = False
-    if n % eval_every == 0 or n == num_steps:
-      losses = fold_losses(losses)
-      train_loss = progress.loss_sum / progress.loss_count
-      progress.loss_sum, progress.loss_count = 0.0, 0
-      ev = evaluate_fn(state.params)
-      row = {"phase_step": n, "step": int(state.step), "train/loss": train_loss, **ev}
-      history.append(row)
-      bar.set_postfix(
-        {k: round(v, 3) for k, v in row.items() if k in ("train/loss", "ia@1", "val/map@10")}
-      )
-      if writer is not None:
-        writer.write_scalars(
-          int(state.step), {f"{phase}/{k}": v for k, v in row.items() if k != "step"}
+  try:  # the bar is cleared however the loop ends, so an error starts its own line
+    for i in range(num_steps if progress.done else progress.phase_step, num_steps):
+      batch = partitioning.global_batch(make_batch(i), mesh)
+      with partitioning.axis_rules(mesh):
+        state, aux = train_step(state, batch, rng)
+      losses.append(aux["loss"])
+      bar.update(1)
+      progress.phase_step = n = i + 1
+      stop = False
+      if n % eval_every == 0 or n == num_steps:
+        losses = fold_losses(losses)
+        train_loss = progress.loss_sum / progress.loss_count
+        progress.loss_sum, progress.loss_count = 0.0, 0
+        ev = evaluate_fn(state.params)
+        row = {"phase_step": n, "step": int(state.step), "train/loss": train_loss, **ev}
+        history.append(row)
+        bar.set_postfix(
+          {k: round(v, 3) for k, v in row.items() if k in ("train/loss", "ia@1", "val/map@10")}
         )
-      if select_key is not None:
-        if progress.best_value is None or ev[select_key] > progress.best_value:
-          best_params, progress.best_value, progress.best_eval = state.params, ev[select_key], ev
-          progress.since_best = 0
-        else:
-          progress.since_best += 1
-        stop = progress.since_best >= patience and n >= min_steps
-      stop = stop or (n >= min_steps and stop_fn(history))
-    if stop or n == num_steps:
-      break
-    if checkpoints is not None and checkpoints.due(n):
-      losses = fold_losses(losses)
-      progress.seconds = time.time() - t0
-      checkpoints.save(state, best_params, progress)
-  bar.close()
+        if writer is not None:
+          writer.write_scalars(
+            int(state.step), {f"{phase}/{k}": v for k, v in row.items() if k != "step"}
+          )
+        if select_key is not None:
+          if progress.best_value is None or ev[select_key] > progress.best_value:
+            best_params, progress.best_value, progress.best_eval = state.params, ev[select_key], ev
+            progress.since_best = 0
+          else:
+            progress.since_best += 1
+          stop = progress.since_best >= patience and n >= min_steps
+        stop = stop or (n >= min_steps and stop_fn(history))
+      if stop or n == num_steps:
+        break
+      if checkpoints is not None and checkpoints.due(n):
+        losses = fold_losses(losses)
+        progress.seconds = time.time() - t0
+        checkpoints.save(state, best_params, progress)
+  finally:
+    bar.close()
   if not progress.done:
     progress.done, progress.seconds = True, time.time() - t0
     if select_key is not None and best_params is not None:
@@ -314,49 +315,6 @@ def create_state(
   params = model.init(rng, input_shape, out_shardings=partitioning.shardings(abstract, mesh))
   state_shardings = partitioning.shardings(jax.eval_shape(make_state, params), mesh)
   return jax.jit(make_state, out_shardings=state_shardings)(params)
-
-
-def run_fingerprint(model: dsi.DSIModel, params, config: TrainConfig, finetune: bool) -> dict:
-  """What makes two runs the same run (so a rerun resumes rather than starts over): the
-  config, the ids and the shapes of the model's `params`.
-
-  The mesh is left out on purpose: a run preempted on one mesh may resume on another.
-  """
-  settings = dataclasses.asdict(config)
-  for name in ("mesh_data", "mesh_fsdp", "mesh_model", "checkpoint_every", "max_to_keep"):
-    settings.pop(name)
-  return {
-    "train_config": settings,
-    "finetune": finetune,
-    "docids_sha256": model.docids.sha256(),
-    **(
-      {"contrastive": [model.contrastive_weight, model.contrastive_temperature]}
-      if model.contrastive_weight > 0
-      else {}
-    ),
-    "params": {
-      partitioning.path_string(p): list(x.shape)
-      for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    },
-  }
-
-
-def _prepare_workdir(workdir: str, fingerprint: dict) -> bool:
-  """Keeps an earlier run's checkpoints if it was this same run (returns True: resume);
-  otherwise removes its checkpoints and curves so that they always belong to this run."""
-  errors.writable_folder(workdir, "workdir")
-  path = os.path.join(workdir, "run.json")
-  same = False
-  if os.path.exists(path):
-    with open(path) as f:
-      same = json.load(f) == json.loads(json.dumps(fingerprint))
-  if not same:
-    for stale in ("checkpoints", "tensorboard"):
-      if os.path.isdir(os.path.join(workdir, stale)):
-        log.info("Replacing %s from a different earlier run in %s", stale, workdir)
-        shutil.rmtree(os.path.join(workdir, stale))
-    results_lib.write_json(fingerprint, path)
-  return same
 
 
 def train_dsi(
@@ -400,24 +358,28 @@ def train_dsi(
   if workdir:
     from clu import metric_writers
 
-    fingerprint = run_fingerprint(model, state.params, config, finetune)
+    fingerprint = workdir_lib.run_fingerprint(model, state.params, config, finetune, data)
     if spec is not None:
       fingerprint["spec_sha256"] = spec.sha256()
-    if _prepare_workdir(workdir, fingerprint):
+    resuming = workdir_lib.prepare(workdir, fingerprint)
+    if resuming:
       log.info("Resuming the run in %s", workdir)
+    run_id = checkpoints_lib.file_sha256(os.path.join(workdir, "run.json"))
     model.docids.save(os.path.join(workdir, "docids.json"))
     if spec is not None:
       from dsi_jax import runs
 
       runs.save_spec(workdir, spec)
-    writer = metric_writers.create_default_writer(
-      os.path.join(workdir, "tensorboard"), asynchronous=False
-    )
+    logdir = os.path.join(workdir, "tensorboard")
+    writer = metric_writers.create_default_writer(logdir, asynchronous=False)
+    if resuming:  # steps redone since the last checkpoint were logged before the restart
+      writer = workdir_lib.LogAfter(writer, workdir_lib.last_logged_step(logdir))
     for name in ("zero_shot", "fine_tuned"):
       phase_checkpoints[name] = checkpoints_lib.PhaseCheckpoints(
         os.path.join(workdir, "checkpoints", name),
         every=config.checkpoint_every,
         max_to_keep=config.max_to_keep,
+        run_id=run_id,
       )
 
   def eval_index_phase(params):

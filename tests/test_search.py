@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dsi_jax import cli, runs
+from dsi_jax import checkpoints, cli, runs
 from dsi_jax import docids as docids_lib
 from dsi_jax import train as train_lib
 from dsi_jax.batches import RetrievalData
@@ -176,3 +176,41 @@ def test_squad_run_finds_a_paragraph_by_its_text(tmp_path, capsys):
   assert len(err.splitlines()) == 1 and "model.json: the model spec differs from" in err
   spec_path.write_text(spec_text)
   assert search_json(capsys, str(tmp_path / "run"), "--text", paragraphs[0], "-k", "1")
+  # So is a checkpoint changed, added to, cut short, or taken from another run.
+  phase = tmp_path / "run" / "checkpoints" / "fine_tuned"
+  step = phase / max(os.listdir(phase), key=lambda d: int(d) if d.isdigit() else -1)
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step) for f in fs]
+  data_file = max(files, key=os.path.getsize)
+  run_json = tmp_path / "run" / "run.json"
+  original_run = run_json.read_text()
+  other_run = json.loads(original_run)
+  other_run["train_config"]["seed"] += 1
+  digest = step / checkpoints.DIGEST_FILE
+
+  def flip_a_byte():
+    blob = bytearray(open(data_file, "rb").read())
+    blob[len(blob) // 2] ^= 1
+    open(data_file, "wb").write(bytes(blob))
+
+  cases = [
+    (flip_a_byte, "changed since the checkpoint was saved", data_file),
+    (
+      lambda: (step / "best" / "extra").write_text("x"),
+      "not part of the saved checkpoint",
+      "extra",
+    ),
+    (lambda: run_json.write_text(json.dumps(other_run)), "saved by another run", str(step)),
+    (lambda: digest.unlink(), "rerun its training command", str(step)),
+  ]
+  for tamper, expected, where in cases:
+    saved = {f: open(f, "rb").read() for f in [*files, str(run_json)]}
+    tamper()
+    capsys.readouterr()
+    assert cli.main(["search", str(tmp_path / "run"), "--text", paragraphs[0]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and where in err, err
+    if (step / "best" / "extra").exists():
+      (step / "best" / "extra").unlink()
+    for f, blob in saved.items():
+      open(f, "wb").write(blob)
+    assert search_json(capsys, str(tmp_path / "run"), "--text", paragraphs[0], "-k", "1")

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from dsi_jax import errors
 from dsi_jax.data.images import DEFAULT_ASPECT_RANGE, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -295,8 +296,13 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       super().download_and_prepare(
         download_dir=download_dir, download_config=download_config, **kwargs
       )
-    except BaseException:
+    except BaseException as e:
       _remove_new(before, dataset_dir)
+      reason = errors.write_failure(e)
+      if reason:
+        raise errors.UserError(
+          f"could not write the {self.name} dataset ({reason}) ({root})"
+        ) from e
       raise
     finally:
       if not downloads_existed:

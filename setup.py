@@ -30,8 +30,13 @@ setuptools.setup(
     # The BERT text tower (dsi_jax.models.text) reads HF tokenizer.json and safetensors weights.
     "tokenizers>=0.21,<0.24",
     "safetensors>=0.4.3,<0.9",
+    # The DINOv2 importer reads ONNX exports (initializers and node names only).
+    "onnx>=1.17,<1.24",
   ],
-  # torch and transformers are the text tower's parity reference in tests/test_text_tower.py.
-  extras_require={"test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0"]},
+  # torch and transformers are the parity reference of the text and DINOv2 towers;
+  # onnxruntime that of the ONNX import.
+  extras_require={
+    "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "onnxruntime>=1.20,<1.33"]
+  },
   entry_points={"console_scripts": ["dsi-jax=dsi_jax.cli:main"]},
 )

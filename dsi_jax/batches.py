@@ -8,6 +8,8 @@ its own rows of a global batch (`partitioning.host_rows`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -38,6 +40,34 @@ class RetrievalData:
   val_relevant: list[np.ndarray]
   test_inputs: np.ndarray
   test_relevant: list[np.ndarray]
+
+
+_ENCODED: dict[str, np.ndarray] = {}  # input arrays -> a frozen tower's outputs
+
+
+def encode_data(
+  data: RetrievalData,
+  encode: Callable[..., np.ndarray],
+  *,
+  encoder: str,
+  show_progress: bool = False,
+) -> RetrievalData:
+  """`data` with every input array replaced by a frozen tower's outputs, `encode(array,
+  show_progress=...)`, computed once per (`encoder`, array) in this process (the id schemes
+  and seeds of an experiment share the same items). `encoder` names the tower and its
+  settings, e.g. "all-MiniLM-L6-v2" or the JSON of a DINOv2 spec."""
+  out = dataclasses.replace(data)
+  for field in ("index_inputs", "train_inputs", "val_inputs", "test_inputs"):
+    inputs = np.asarray(getattr(data, field))
+    digest = hashlib.sha256(encoder.encode() + str((inputs.shape, inputs.dtype)).encode())
+    digest.update(inputs.tobytes())
+    key = digest.hexdigest()
+    if key not in _ENCODED:
+      if len(_ENCODED) >= 8:
+        _ENCODED.clear()
+      _ENCODED[key] = encode(inputs, show_progress=show_progress)
+    setattr(out, field, _ENCODED[key])
+  return out
 
 
 def epoch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:

@@ -91,6 +91,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
   (r"(text|image)_adapter/bias$", ("embed",)),
   (r"token_type_embeddings/embedding$", ("type_vocab", "embed")),
   (r"pos_embedding$", (None, "length", "embed")),
+  (r"(^|/)(cls_token|register_tokens)$", (None, None, "embed")),  # DINOv2
+  (r"LayerScale_\d+/scale$", ("embed",)),
   (r"logits/kernel$", ("embed", "vocab")),
   (r"logits/bias$", ("vocab",)),
 )

@@ -28,7 +28,7 @@ from dsi_jax.data import inputs as inputs_lib
 
 SPEC_FILE = "model.json"
 SPEC_FORMAT = 1
-FACTORIES = ("vit_dsi", "minilm_dsi", "clip_dsi", "t5_dsi")
+FACTORIES = ("vit_dsi", "minilm_dsi", "clip_dsi", "t5_dsi", "dinov2_dsi")
 QUERY_KINDS = ("image", "text")
 PHASES = ("fine_tuned", "zero_shot")  # the phase a search uses: the last one trained
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class ModelSpec:
   """What a run folder needs to rebuild its model and prepare its queries.
 
-  factory: "vit_dsi" | "minilm_dsi" | "clip_dsi" | "t5_dsi".
+  factory: "vit_dsi" | "minilm_dsi" | "clip_dsi" | "t5_dsi" | "dinov2_dsi" (a frozen DINOv2).
   kwargs: the factory's arguments (JSON values): network sizes, `frozen` for MiniLM-DSI.
   queries: the kinds of query the model reads ("image", "text").
   image_size: images are centre-cropped square and resized to this side (`preprocess_image`).
@@ -117,12 +117,14 @@ def load_spec(workdir: str) -> ModelSpec:
 
 def build_model(spec: ModelSpec, docids: docids_lib.DocidMap, *, minilm_path: str | None = None):
   """`(DSIModel, tokenizer or None)` of `spec` with fresh (or pretrained) towers."""
-  from dsi_jax.models import dsi
+  from dsi_jax.models import borrowed, dsi
 
   if spec.factory == "vit_dsi":
     return dsi.DSIModel(dsi.make_vit_dsi(docids, **spec.kwargs), docids), None
   if spec.factory == "minilm_dsi":
-    return dsi.make_minilm_dsi(docids, path=minilm_path, **spec.kwargs)
+    return borrowed.make_minilm_dsi(docids, path=minilm_path, **spec.kwargs)
+  if spec.factory == "dinov2_dsi":
+    return borrowed.make_dinov2_dsi(docids, **spec.kwargs), None
   if spec.factory == "clip_dsi":
     from dsi_jax.models import multimodal, text
 
@@ -142,6 +144,8 @@ def example_inputs(spec: ModelSpec, model) -> Any:
   if spec.factory == "minilm_dsi" and spec.kwargs.get("frozen"):
     width = model.network.decoder.width
     return np.zeros((1, spec.text_length, width), np.float32)
+  if spec.factory == "dinov2_dsi":  # the frozen tower's tokens for one image
+    return model.input_encoder(image, batch_size=1)
   return tokens if spec.queries == ("text",) else image
 
 

@@ -446,7 +446,9 @@ def minilm_network(
 ) -> tuple[dsi.DSINetwork, dict[str, Any]]:
   """Text DSI on all-MiniLM-L6-v2 (`make_minilm_dsi`): the network and its pretrained
   encoder parameters."""
-  model, _ = dsi.make_minilm_dsi(docids, **kwargs)
+  from dsi_jax.models import borrowed
+
+  model, _ = borrowed.make_minilm_dsi(docids, **kwargs)
   return model.network, model.pretrained
 
 

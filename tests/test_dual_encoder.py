@@ -312,3 +312,22 @@ def test_minilm_vit_factory_fits_the_pretrained_tower():
   )
   assert shapes["text_projection"]["kernel"].shape == (384, 64)
   assert model._pad_id() == 0 == tokenizer.padding["pad_id"]
+
+
+def test_a_frozen_towers_features_train_as_1x1_images():
+  """`borrowed.FeatureMap`: precomputed image features (here random vectors of width 24) as
+  `[N, 1, 1, d]` maps go through the same trainer and retriever as images."""
+  from dsi_jax.models import borrowed
+
+  captions, _, image_ids = _data()
+  features = np.random.default_rng(1).normal(size=(NUM_IMAGES, 1, 1, 24)).astype(np.float32)
+  model = make_test_model(image_tower=borrowed.FeatureMap())
+  params = de.init_dual_encoder(model, jax.random.PRNGKey(0), (1, LENGTH), (1, 1, 1, 24))
+  assert set(params) == {"text_tower", "text_projection", "image_projection", "logit_scale"}
+  trained, _ = de.train_dual_encoder(
+    model, params, captions, features[image_ids], image_ids, steps=80, **TRAIN
+  )
+  keys = [f"img-{i:02d}" for i in range(NUM_IMAGES)]
+  retriever = de.DualEncoderRetriever(model, trained, features, keys)
+  ranked, _ = retriever.search(captions, 1)
+  assert np.mean([r[0] == keys[j] for r, j in zip(ranked, image_ids)]) >= 0.9

@@ -39,12 +39,12 @@ def views(index: np.ndarray, seed: int) -> np.ndarray:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--size", type=int, default=224, help="tower input side (multiple of 14)")
+  p.add_argument("--size", type=int, default=112, help="tower input side (multiple of 14)")
   p.add_argument("--ids", default="atomic", choices=["atomic", "random"])
   p.add_argument("--train_views", type=int, default=2)
-  p.add_argument("--index_steps", type=int, default=3000)
+  p.add_argument("--index_steps", type=int, default=2000)
   p.add_argument("--finetune_steps", type=int, default=2000)
-  p.add_argument("--output_block", type=int, default=None)
+  p.add_argument("--output_block", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)

@@ -208,19 +208,27 @@ def train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common)
   return rows
 
 
-def dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common) -> dict:
-  """The dual encoder on the same towers, trained with InfoNCE on the same training captions."""
+def dual_encoder_row(
+  config, data, keys, relevant, minilm, show_progress, common, *, image_tower=None, images=None
+) -> dict:
+  """The dual encoder on the same towers, trained with InfoNCE on the same training captions.
+
+  image_tower, images: another image tower and what it reads for the indexed items (default:
+  the config's ViT from scratch on `data.index_inputs`), e.g. `borrowed.FeatureMap()` on a
+  frozen tower's features."""
   from dsi_jax.baselines import dual_encoder as dual_lib
   from dsi_jax.models import vit
 
   text_tower, minilm_params, _ = minilm
   t0 = time.time()
-  dual = dual_lib.DualEncoder(text_tower, vit.ViT(**config.tower), embed_dim=config.dual.embed_dim)
+  image_tower = image_tower or vit.ViT(**config.tower)
+  images = data.index_inputs if images is None else images
+  dual = dual_lib.DualEncoder(text_tower, image_tower, embed_dim=config.dual.embed_dim)
   params = dual_lib.init_dual_encoder(
     dual,
     jax.random.PRNGKey(config.seed),
     data.train_inputs[:1].shape,
-    data.index_inputs[:1].shape,
+    images[:1].shape,
     pretrained={"text_tower": minilm_params},
   )
   image_of_caption = np.array([r[0] for r in data.train_relevant])
@@ -228,7 +236,7 @@ def dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common
     dual,
     params,
     data.train_inputs,
-    data.index_inputs[image_of_caption],
+    images[image_of_caption],
     image_of_caption,
     steps=config.dual.steps,
     batch_size=config.dual.batch_size,
@@ -237,9 +245,9 @@ def dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common
     show_progress=show_progress,
     text_lr_multiplier=config.text_lr_multiplier,
   )
-  retriever = dual_lib.DualEncoderRetriever(dual, params, data.index_inputs, keys)
+  retriever = dual_lib.DualEncoderRetriever(dual, params, images, keys)
   values = evaluation.evaluate(
-    retriever, data.test_inputs, relevant, ("ia@1", "ia@5", *METRICS), index=data.index_inputs
+    retriever, data.test_inputs, relevant, ("ia@1", "ia@5", *METRICS), index=images
   )
   return results.make_row(
     model="dual_encoder",

@@ -183,3 +183,14 @@ def make_dinov2_dsi(
     encode_images_frozen, DINOv2(**kwargs), params, size=image_size
   )
   return model
+
+
+class FeatureMap(nn.Module):
+  """An image tower over features computed beforehand by a frozen tower: `[B, h, w, d]`
+  feature maps -> tokens `[B, h * w, d]` (a pooled DINOv2 feature is a 1 x 1 map), so models
+  and retrievers written for images (the dual encoder) take them unchanged."""
+
+  @nn.compact
+  def __call__(self, features, *, train: bool = False):
+    del train
+    return features.reshape(features.shape[0], -1, features.shape[-1]), {}

@@ -169,18 +169,38 @@ def clip_dsi_spec(config: FlickrConfig, image_size: int) -> runs.ModelSpec:
   )
 
 
-def train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common) -> list[dict]:
-  """CLIP-DSI's two phases; its rows (zero-shot and fine-tuned)."""
+def train_clip_dsi(
+  config, data, docids, minilm, workdir, show_progress, common, *, image_tower=None, images=None
+) -> list[dict]:
+  """CLIP-DSI's two phases; its rows (zero-shot and fine-tuned).
+
+  image_tower, images: another image tower and what it reads for the indexed items (default:
+  the config's ViT from scratch on `data.index_inputs`), e.g. `borrowed.FeatureMap()` on a
+  frozen tower's token grids; such a run writes no model spec (its folder is not searchable)."""
   from dsi_jax.models import dsi, multimodal
 
   text_tower, minilm_params, _ = minilm
-  network = multimodal.make_vit_clip_dsi(
-    docids,
-    text_tower=text_tower,
-    image_tower=config.tower,
-    width=config.width,
-    decoder_depth=config.decoder_depth,
-  )
+  spec = clip_dsi_spec(config, int(data.index_inputs.shape[1]))
+  if image_tower is None:
+    network = multimodal.make_vit_clip_dsi(
+      docids,
+      text_tower=text_tower,
+      image_tower=config.tower,
+      width=config.width,
+      decoder_depth=config.decoder_depth,
+    )
+  else:
+    network = multimodal.make_clip_dsi(
+      docids,
+      image_tower=image_tower,
+      text_tower=text_tower,
+      text_pad_id=text_tower.config.pad_token_id,
+      width=config.width,
+      decoder_depth=config.decoder_depth,
+      num_heads=4,
+      mlp_dim=4 * config.width,
+    )
+    data, spec = dataclasses.replace(data, index_inputs=images), None
   model = dsi.DSIModel(
     network,
     docids,
@@ -201,7 +221,7 @@ def train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common)
     config=tconf,
     workdir=os.path.join(workdir, "clip_dsi"),
     show_progress=show_progress,
-    spec=clip_dsi_spec(config, int(data.index_inputs.shape[1])),
+    spec=spec,
   )
   rows = results.phase_rows(result, METRICS, model="clip_dsi", ids=config.ids, **common)
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)

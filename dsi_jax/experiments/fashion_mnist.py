@@ -173,7 +173,10 @@ def run_cell(
     show_progress=show_progress,
     spec=model_spec(config),
   )
-  tower = "dinov2_vits14" if config.tower == "dinov2" else "scratch"
+  tower = "scratch"
+  if config.tower == "dinov2":
+    trained = config.model_kwargs().get("train_blocks", 0)
+    tower = "dinov2_vits14" + (f" (last {trained} blocks trained)" if trained else "")
   rows = results.phase_rows(
     result, BASELINE_METRICS, model="vit_dsi", ids=config.ids, tower=tower, **common
   )

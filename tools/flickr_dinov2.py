@@ -128,8 +128,14 @@ def main(argv=None) -> None:
 
 
 def _write(args, rows, config, data) -> None:
-  command = "python tools/flickr_dinov2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  """The report, with folders named by their last component only (no paths of this machine)."""
+  given = [os.path.basename(a) if os.path.isabs(a) else a for a in sys.argv[1:]]
+  command = "python tools/flickr_dinov2.py " + " ".join(shlex.quote(a) for a in given)
   description = {**vars(args), "flickr": flickr._describe(config, data)}
+  description["workdir"] = os.path.basename(os.path.normpath(args.workdir))
+  source = description["flickr"].get("source_dir")
+  if source:
+    description["flickr"]["source_dir"] = os.path.basename(os.path.normpath(source))
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     results.write_report(args.out, rows, description, command=command)

@@ -85,8 +85,8 @@ def measure(args) -> list[dict]:
     print(f"{name}: {len(keys)} indexed, {len(queries)} queries", file=sys.stderr)
     common = dict(dataset=name, db_size=len(keys), num_queries=len(queries), ids="-")
     small = 64 if index.shape[1] > 64 else index.shape[1]  # pixels and BoVW at <= 64 px
-    index_small = _resize(index, small)
-    query_small = _resize(queries, small)
+    index_small = images_lib.resize_square(index, small)
+    query_small = images_lib.resize_square(queries, small)
     for model, retriever in (
       ("pixel_knn", PixelKNN(index_small, keys)),
       ("bovw", BoVW(num_words=200, seed=args.seed).fit(index_small, keys)),
@@ -117,14 +117,6 @@ def measure(args) -> list[dict]:
         )
     print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr)
   return rows
-
-
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-  import cv2
-
-  if images.shape[1] == size:
-    return images
-  return np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in images])
 
 
 def render(path: str) -> str:

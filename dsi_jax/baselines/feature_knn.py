@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from dsi_jax.baselines.pixel_knn import PixelKNN
 from dsi_jax.data import inputs as inputs_lib
+from dsi_jax.data.images import resize_square
 
 POOLS = ("cls", "mean")
 
@@ -57,22 +57,10 @@ class TowerFeatures:
 
   def prepare(self, images: np.ndarray) -> np.ndarray:
     """uint8 `[n, h, w]` or `[n, h, w, 1 | 3]` -> float32 `[n, size, size, 3]` in [-1, 1]."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-      images = images[..., None]
-    rows = []
-    for image in images:
-      if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-      if image.shape[:2] != (self.size, self.size):
-        shrink = image.shape[0] > self.size
-        image = cv2.resize(
-          image,
-          (self.size, self.size),
-          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC,
-        )
-      rows.append(image)
-    return inputs_lib.image_inputs(np.stack(rows))
+    images = resize_square(images, self.size)
+    if images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+    return inputs_lib.image_inputs(images)
 
   def __call__(self, images: np.ndarray, *, show_progress: bool = False) -> dict:
     """`{layer: {"cls" | "mean": float32 [n, width]}}` for layers "block1".."blockN", "final"."""
@@ -80,10 +68,13 @@ class TowerFeatures:
     starts = range(0, len(images), self.batch_size)
     for start in tqdm(starts, desc="tower features", disable=not show_progress, leave=False):
       batch = self.prepare(images[start : start + self.batch_size])
+      pad = self.batch_size - len(batch)  # one shape: one compilation
+      batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
       pooled = jax.device_get(self._pooled(self.params, jnp.asarray(batch)))
       for layer, pools in pooled.items():
         for pool, x in pools.items():
-          out.setdefault(layer, {}).setdefault(pool, []).append(np.asarray(x, np.float32))
+          rows = np.asarray(x, np.float32)[: self.batch_size - pad]
+          out.setdefault(layer, {}).setdefault(pool, []).append(rows)
     return {
       layer: {pool: np.concatenate(xs) for pool, xs in pools.items()}
       for layer, pools in out.items()

@@ -146,3 +146,16 @@ def augmented_view(
     pixels = (pixels - mean) * contrast + mean * brightness
     view = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
   return np.ascontiguousarray(view)
+
+
+def resize_square(images: np.ndarray, size: int) -> np.ndarray:
+  """`[n, h, w]` or `[n, h, w, c]` images (uint8 or float32) -> `[n, size, size, c]`: area
+  averaging when shrinking, bicubic when enlarging, unchanged at that size already."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.shape[1:3] == (size, size):
+    return images
+  how = cv2.INTER_AREA if images.shape[1] > size else cv2.INTER_CUBIC
+  out = [cv2.resize(x, (size, size), interpolation=how) for x in images]
+  return np.stack(out).reshape(len(images), size, size, images.shape[-1])

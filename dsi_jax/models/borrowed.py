@@ -120,19 +120,15 @@ def encode_images_frozen(
   """`[n, tokens, d]` float32 outputs of a frozen image tower (e.g. DINOv2) for model inputs
   `[n, h, w, c]` in [-1, 1], each first resized to `size` x `size` (bicubic when enlarging):
   the inputs of a network whose encoder is `PrecomputedEncoder`."""
-  import cv2
   from tqdm.auto import tqdm
+
+  from dsi_jax.data.images import resize_square
 
   fn = jax.jit(lambda p, x: tower.apply({"params": p}, x)[0])
   out = []
   starts = range(0, len(images), batch_size)
   for start in tqdm(starts, desc="encoding images", leave=False, disable=not show_progress):
-    chunk = np.asarray(images[start : start + batch_size], np.float32)
-    if chunk.shape[1:3] != (size, size):
-      shrink = chunk.shape[1] > size
-      how = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
-      chunk = np.stack([cv2.resize(x, (size, size), interpolation=how) for x in chunk])
-      chunk = chunk.reshape(len(chunk), size, size, -1)
+    chunk = resize_square(np.asarray(images[start : start + batch_size], np.float32), size)
     pad = batch_size - len(chunk)  # one shape: one compilation
     chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
     out.append(np.asarray(fn(params, chunk), np.float32)[: batch_size - pad])

@@ -40,17 +40,19 @@ def _gin_entry_point():
   import gin
 
   from dsi_jax import train as train_lib
-  from dsi_jax.experiments import fashion_mnist, flickr
+  from dsi_jax.experiments import fashion_mnist, flickr, rerank
 
   for cls in (
     train_lib.TrainConfig,
     fashion_mnist.FashionMnistConfig,
     flickr.FlickrConfig,
     flickr.DualEncoderConfig,
+    rerank.RerankConfig,
   ):
     gin.external_configurable(cls, module="dsi_jax")
   run_experiment = gin.external_configurable(fashion_mnist.run_experiment, module="dsi_jax")
   gin.external_configurable(flickr.run_flickr_experiment, module="dsi_jax")
+  gin.external_configurable(rerank.run_rerank_experiment, module="dsi_jax")
   # `include 'gin_configs/...'` lines resolve from the working folder or the project root.
   gin.add_config_file_search_path(_project_root())
 

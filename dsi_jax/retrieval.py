@@ -104,3 +104,19 @@ class DSIRetriever:
     """The top-`k` item keys (distinct, real ids) and their log-likelihoods per query."""
     items, scores = self.rank(queries, k)
     return rows_to_keys(items, scores, self.model.docids.keys)
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A retriever that reads its queries through `prepare` first (e.g. a DSI run's
+  `prepare_texts`, so it takes the same raw texts as BM25 or a cross-encoder)."""
+
+  retriever: Retriever
+  prepare: Callable[[Any], Any]
+
+  @property
+  def keys(self) -> list[str]:
+    return list(self.retriever.keys)
+
+  def search(self, queries: Any, k: int) -> tuple[list[list[str]], list[np.ndarray]]:
+    return self.retriever.search(self.prepare(queries), k)

@@ -69,7 +69,10 @@ def export(
     json.dump(
       {
         "documents": [corpus.texts[k] for k in corpus.corpus.indexed],
-        "test_questions": [q.text for q in corpus.corpus.split("test")],
+        **{
+          f"{split}_questions": [q.text for q in corpus.corpus.split(name)]
+          for split, name in zip(SPLITS, ("train", "validation", "test"))
+        },
       },
       f,
     )
@@ -168,10 +171,12 @@ def run(
 class MiniLMDualEncoder:
   """all-MiniLM-L6-v2 as it comes: cosine of mean-pooled embeddings (a zero-shot retriever)."""
 
-  def __init__(self, documents, keys, minilm_path: str | None = None):
+  def __init__(self, documents, keys, minilm_path: str | None = None, minilm=None):
+    """minilm: `(BertEncoder, params, tokenizer)` to embed with (default: `load_minilm`'s;
+    the joint model's bi-encoder passes its own trained encoder)."""
     from dsi_jax.models import text
 
-    self.minilm = text.load_minilm(minilm_path)
+    self.minilm = text.load_minilm(minilm_path) if minilm is None else minilm
     self.keys = list(keys)
     self.docs = text.embed_texts(*self.minilm, list(documents))
 

@@ -40,7 +40,7 @@ def _gin_entry_point():
   import gin
 
   from dsi_jax import train as train_lib
-  from dsi_jax.experiments import fashion_mnist, flickr, rerank
+  from dsi_jax.experiments import fashion_mnist, flickr, flickr_rerank, rerank
 
   for cls in (
     train_lib.TrainConfig,
@@ -48,11 +48,13 @@ def _gin_entry_point():
     flickr.FlickrConfig,
     flickr.DualEncoderConfig,
     rerank.RerankConfig,
+    flickr_rerank.FlickrRerankConfig,
   ):
     gin.external_configurable(cls, module="dsi_jax")
   run_experiment = gin.external_configurable(fashion_mnist.run_experiment, module="dsi_jax")
   gin.external_configurable(flickr.run_flickr_experiment, module="dsi_jax")
   gin.external_configurable(rerank.run_rerank_experiment, module="dsi_jax")
+  gin.external_configurable(flickr_rerank.run_flickr_rerank_experiment, module="dsi_jax")
   # `include 'gin_configs/...'` lines resolve from the working folder or the project root.
   gin.add_config_file_search_path(_project_root())
 

@@ -25,7 +25,6 @@ import time
 import numpy as np
 
 from dsi_jax import results
-from dsi_jax import train as train_lib
 from dsi_jax.baselines.feature_knn import TowerFeatures
 from dsi_jax.experiments import flickr
 from dsi_jax.importers import dinov2
@@ -48,31 +47,11 @@ def main(argv=None) -> None:
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
 
-  config = flickr.FlickrConfig(
-    corpus="flickr8k",
-    num_items=1000,
+  config = flickr.dinov2_config(
+    steps=args.steps,
+    index_steps=args.index_steps,
+    finetune_steps=args.finetune_steps,
     seed=args.seed,
-    ids="atomic",  # the splits do not depend on the ids; the dual encoder never reads them
-    text_length=24,
-    width=256,
-    decoder_depth=2,
-    text_lr_multiplier=0.1,
-    contrastive_weight=0.1,
-    dual=flickr.DualEncoderConfig(steps=args.steps, batch_size=64, learning_rate=3e-4),
-    train=train_lib.TrainConfig(
-      batch_size=32,
-      learning_rate=3e-4,
-      index_target_accuracy=0.98,
-      index_max_steps=args.index_steps,
-      index_eval_every=250,
-      finetune_max_steps=args.finetune_steps,
-      finetune_eval_every=250,
-      patience=4,
-      retrieval_ratio=1.0,
-      ranking="beam",
-      eval_batch_size=100,
-      checkpoint_every=250,
-    ),
   )
   methods = args.methods.split(",")
   corpus, data, docids = flickr._prepare(config, args.workdir)

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dsi_jax import errors, evaluation, results, runs
+from dsi_jax import errors, evaluation, results, retrieval, runs
 from dsi_jax import train as train_lib
 
 METRICS = ("recall@1", "recall@5", "recall@10")
@@ -85,6 +85,39 @@ class FlickrConfig:
   @property
   def tower(self) -> dict:
     return {**VIT_TOWER, **self.image_tower}
+
+
+def dinov2_config(
+  *, steps: int = 1000, index_steps: int = 2000, finetune_steps: int = 4000, seed: int = 0
+) -> FlickrConfig:
+  """The Flickr8k-1k runs on MiniLM + the frozen DINOv2 tower (`tools/flickr_dinov2.py`, the
+  re-ranking experiment): atomic ids, the dual encoder's `steps`, CLIP-DSI's phase caps."""
+  return FlickrConfig(
+    corpus="flickr8k",
+    num_items=1000,
+    seed=seed,
+    ids="atomic",  # the splits do not depend on the ids; the dual encoder never reads them
+    text_length=24,
+    width=256,
+    decoder_depth=2,
+    text_lr_multiplier=0.1,
+    contrastive_weight=0.1,
+    dual=DualEncoderConfig(steps=steps, batch_size=64, learning_rate=3e-4),
+    train=train_lib.TrainConfig(
+      batch_size=32,
+      learning_rate=3e-4,
+      index_target_accuracy=0.98,
+      index_max_steps=index_steps,
+      index_eval_every=250,
+      finetune_max_steps=finetune_steps,
+      finetune_eval_every=250,
+      patience=4,
+      retrieval_ratio=1.0,
+      ranking="beam",
+      eval_batch_size=100,
+      checkpoint_every=250,
+    ),
+  )
 
 
 def _prepare(config: FlickrConfig, workdir: str):
@@ -170,13 +203,25 @@ def clip_dsi_spec(config: FlickrConfig, image_size: int) -> runs.ModelSpec:
 
 
 def train_clip_dsi(
-  config, data, docids, minilm, workdir, show_progress, common, *, image_tower=None, images=None
-) -> list[dict]:
+  config,
+  data,
+  docids,
+  minilm,
+  workdir,
+  show_progress,
+  common,
+  *,
+  image_tower=None,
+  images=None,
+  with_retriever: bool = False,
+):
   """CLIP-DSI's two phases; its rows (zero-shot and fine-tuned).
 
   image_tower, images: another image tower and what it reads for the indexed items (default:
   the config's ViT from scratch on `data.index_inputs`), e.g. `borrowed.FeatureMap()` on a
-  frozen tower's token grids; such a run writes no model spec (its folder is not searchable)."""
+  frozen tower's token grids; such a run writes no model spec (its folder is not searchable).
+  with_retriever: return `(rows, retriever)`, the fine-tuned model as a `DSIRetriever` of
+  caption token rows (for a second stage)."""
   from dsi_jax.models import dsi, multimodal
 
   text_tower, minilm_params, _ = minilm
@@ -225,17 +270,34 @@ def train_clip_dsi(
   )
   rows = results.phase_rows(result, METRICS, model="clip_dsi", ids=config.ids, **common)
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
+  if with_retriever:
+    params = result.get("fine_tuned_params", result["zero_shot_params"])
+    retriever = retrieval.DSIRetriever(
+      model, params, method=tconf.ranking, batch_size=tconf.eval_batch_size
+    )
+    return rows, retriever
   return rows
 
 
 def dual_encoder_row(
-  config, data, keys, relevant, minilm, show_progress, common, *, image_tower=None, images=None
-) -> dict:
+  config,
+  data,
+  keys,
+  relevant,
+  minilm,
+  show_progress,
+  common,
+  *,
+  image_tower=None,
+  images=None,
+  with_retriever: bool = False,
+):
   """The dual encoder on the same towers, trained with InfoNCE on the same training captions.
 
   image_tower, images: another image tower and what it reads for the indexed items (default:
   the config's ViT from scratch on `data.index_inputs`), e.g. `borrowed.FeatureMap()` on a
-  frozen tower's features."""
+  frozen tower's features.
+  with_retriever: return `(row, retriever)`, the retriever reading caption token rows."""
   from dsi_jax.baselines import dual_encoder as dual_lib
   from dsi_jax.models import vit
 
@@ -269,7 +331,7 @@ def dual_encoder_row(
   values = evaluation.evaluate(
     retriever, data.test_inputs, relevant, ("ia@1", "ia@5", *METRICS), index=images
   )
-  return results.make_row(
+  row = results.make_row(
     model="dual_encoder",
     setting="fine_tuned",
     metrics=values,
@@ -278,6 +340,7 @@ def dual_encoder_row(
     final_loss=float(np.mean(losses[-50:])),
     **common,
   )
+  return (row, retriever) if with_retriever else row
 
 
 class CaptionPrototypes:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -137,8 +138,6 @@ def run(
     raise ValueError(f"{folder}: a test question is also a training question")
   stages = first_stages(keys, documents, minilm, dsi_run)
   common = dict(dataset=DATASET, db_size=len(keys), num_queries=len(test_q))
-  ids = {"dsi": "atomic"}
-  rows: list[dict[str, Any]] = []
 
   # Hard negatives from the first stages' rankings of the training questions only.
   t0 = time.time()
@@ -187,32 +186,55 @@ def run(
       ("joint", squad.MiniLMDualEncoder(documents, keys, minilm=bi), joint_scorer, joint_info)
     )
 
+  rows = pipeline_rows(
+    pipelines,
+    test_q,
+    test_rel,
+    squad.METRICS,
+    k=config.k,
+    fusion_weights=config.fusion_weights,
+    latency_queries=config.latency_queries,
+    ids={"dsi": "atomic"},
+    common=common,
+  )
+  rows[0]["negatives_seconds"] = round(mining_s, 1)
+  return rows
+
+
+def pipeline_rows(
+  pipelines: Sequence[tuple[str, Any, Any, dict]],
+  queries: Sequence[str],
+  relevant: Sequence[set],
+  metrics: Sequence[str],
+  *,
+  k: int,
+  fusion_weights: Sequence[float],
+  latency_queries: int,
+  ids: dict[str, str],
+  common: dict[str, Any],
+) -> list[dict[str, Any]]:
+  """For each `(name, first stage, scorer, extra fields)`: a row of the first stage alone (once
+  per name) and one per fusion weight re-ranked (`model` "<name>+rerank", or "<name>+" the
+  extra field "reranker"), with per-stage latency. Each
+  distinct (query, item) pair is scored once per scorer, whichever pipeline proposes it."""
+  rows = []
+  caches: dict[int, rerank.CachedScorer] = {}  # one per scorer: pipelines share its pairs
   for name, stage, pair_scorer, info in pipelines:
-    t = time.time()
-    values = evaluation.evaluate(stage, test_q, test_rel, squad.METRICS)
-    rows.append(
-      results.make_row(
-        model=name,
-        setting="first_stage",
-        ids=ids.get(name),
-        metrics=values,
-        seconds=round(time.time() - t, 1),
-        **common,
-      )
-    )
-    cached = rerank.CachedScorer(pair_scorer)
-    latency = measure_latency(
-      stage, pair_scorer, test_q[: config.latency_queries], config.k, len(keys)
-    )
-    for weight in config.fusion_weights:
-      reranked = rerank.Reranked(stage, cached, k=config.k, fusion_weight=weight)
+    if not any(r["model"] == name for r in rows):
       t = time.time()
-      values = evaluation.evaluate(reranked, test_q, test_rel, squad.METRICS)
-      setting = f"rerank k={config.k}" + (f", fused {weight:g}" if weight else "")
+      values = evaluation.evaluate(stage, queries, relevant, metrics)
+      first = dict(ids=ids.get(name), seconds=round(time.time() - t, 1), **common)
+      rows.append(results.make_row(model=name, setting="first_stage", metrics=values, **first))
+    cached = caches.setdefault(id(pair_scorer), rerank.CachedScorer(pair_scorer))
+    latency = measure_latency(stage, pair_scorer, queries[:latency_queries], k, common["db_size"])
+    for weight in fusion_weights:
+      reranked = rerank.Reranked(stage, cached, k=k, fusion_weight=weight)
+      t = time.time()
+      values = evaluation.evaluate(reranked, queries, relevant, metrics)
       rows.append(
         results.make_row(
-          model=f"{name}+rerank",
-          setting=setting,
+          model=f"{name}+{info.get('reranker', 'rerank')}",
+          setting=f"rerank k={k}" + (f", fused {weight:g}" if weight else ""),
           ids=ids.get(name),
           metrics=values,
           seconds=round(time.time() - t, 1),
@@ -221,7 +243,6 @@ def run(
           **common,
         )
       )
-  rows[0]["negatives_seconds"] = round(mining_s, 1)
   return rows
 
 

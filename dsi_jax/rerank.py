@@ -136,6 +136,7 @@ class CrossEncoderScorer:
   max_length: word pieces per pair (longer pairs are cut, the longer side first).
   query_batch: queries per device call; their `k` pairs each go through in one jitted call,
     padded to `query_batch * k` pairs and to a multiple of 32 word pieces (few compilations).
+  show_progress: a tqdm bar over the batches of a `score` call.
   """
 
   model: Any
@@ -145,6 +146,7 @@ class CrossEncoderScorer:
   item_features: Mapping[str, np.ndarray] | None = None
   max_length: int = 256
   query_batch: int = 8
+  show_progress: bool = False
 
   def __post_init__(self):
     if self.item_texts is None and self.item_features is None:
@@ -155,7 +157,11 @@ class CrossEncoderScorer:
       raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
     width = max((len(c) for c in candidates), default=0)
     out: list[np.ndarray] = []
-    for start in range(0, len(queries), self.query_batch):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(queries), self.query_batch)
+    many = self.show_progress and len(starts) > 1
+    for start in tqdm(starts, desc="cross-encoding", leave=False, disable=not many):
       qs = list(queries[start : start + self.query_batch])
       cs = [list(c) for c in candidates[start : start + self.query_batch]]
       pairs = [(q, key) for q, c in zip(qs, cs) for key in c]

@@ -183,6 +183,7 @@ def run(
       item_texts=item_captions if view == "image+captions" else None,
       item_features=item_features,
       max_length=config.max_length,
+      show_progress=show_progress,
     )
     t = time.time()
     params, history = cross_training.train_cross_encoder(

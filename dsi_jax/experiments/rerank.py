@@ -157,7 +157,12 @@ def run(
   def train(joint_weight: float, steps: int):
     model, params = new_cross_encoder(minilm, config)
     scorer = rerank.CrossEncoderScorer(
-      model, params, tokenizer, item_texts=item_texts, max_length=config.max_length
+      model,
+      params,
+      tokenizer,
+      item_texts=item_texts,
+      max_length=config.max_length,
+      show_progress=show_progress,
     )
     t = time.time()
     params, history = cross_training.train_cross_encoder(

@@ -169,6 +169,14 @@ def machine() -> str:
   return f"{platform.machine()}, {os.cpu_count()} cores, {device.platform} ({device.device_kind})"
 
 
+def invocation(program: str = "dsi-jax") -> str:
+  """The command line of this process, as `program` and its arguments (for `command`)."""
+  import shlex
+  import sys
+
+  return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def write_report(
   out_dir: str,
   rows: Sequence[dict],

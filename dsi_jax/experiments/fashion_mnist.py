@@ -257,7 +257,7 @@ def run_experiment(
   errors.writable_folder(workdir, "workdir")
   rows, _ = run_cell(config, workdir, show_progress=show_progress)
   return results.write_report(
-    workdir, rows, _describe(config), command="dsi-jax train --gin_file=..."
+    workdir, rows, _describe(config), command=results.invocation()
   )
 
 

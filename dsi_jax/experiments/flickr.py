@@ -180,7 +180,7 @@ def run_flickr_experiment(
   rows = train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common) + rows
   rows.insert(-1, dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common))
   return results.write_report(
-    workdir, rows, _describe(config, data), command="dsi-jax train --gin_file=..."
+    workdir, rows, _describe(config, data), command=results.invocation()
   )
 
 

@@ -235,4 +235,4 @@ def run_flickr_rerank_experiment(
   errors.writable_folder(workdir, "workdir")
   rows = run(config, workdir=workdir, show_progress=show_progress)
   described = {**dataclasses.asdict(config), "workdir": os.path.basename(os.path.normpath(workdir))}
-  return results.write_report(workdir, rows, described, command="dsi-jax train --gin_file=...")
+  return results.write_report(workdir, rows, described, command=results.invocation())

@@ -297,4 +297,4 @@ def run_rerank_experiment(
     "data": os.path.basename(os.path.normpath(data)),
     "dsi_run": os.path.basename(os.path.normpath(dsi_run)) if dsi_run else None,
   }
-  return results.write_report(workdir, rows, described, command="dsi-jax train --gin_file=...")
+  return results.write_report(workdir, rows, described, command=results.invocation())

@@ -256,9 +256,7 @@ def run_experiment(
     partitioning.initialize_distributed()
   errors.writable_folder(workdir, "workdir")
   rows, _ = run_cell(config, workdir, show_progress=show_progress)
-  return results.write_report(
-    workdir, rows, _describe(config), command=results.invocation()
-  )
+  return results.write_report(workdir, rows, _describe(config), command=results.invocation())
 
 
 def _describe(config: FashionMnistConfig) -> dict[str, Any]:

@@ -179,9 +179,7 @@ def run_flickr_experiment(
   rows = [caption_prototype_row(corpus, data, minilm, **common)]  # seconds: first
   rows = train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common) + rows
   rows.insert(-1, dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common))
-  return results.write_report(
-    workdir, rows, _describe(config, data), command=results.invocation()
-  )
+  return results.write_report(workdir, rows, _describe(config, data), command=results.invocation())
 
 
 def clip_dsi_spec(config: FlickrConfig, image_size: int) -> runs.ModelSpec:

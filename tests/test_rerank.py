@@ -283,7 +283,10 @@ def _export_tiny(folder, train_questions, test_questions):
   return topics
 
 
-def test_the_squad_experiment_reports_every_pipeline(tmp_path):
+def test_the_squad_experiment_reports_every_pipeline(tmp_path, monkeypatch):
+  import shlex
+  import sys
+
   from dsi_jax import results
   from dsi_jax.experiments import rerank as experiment
 
@@ -302,6 +305,7 @@ def test_the_squad_experiment_reports_every_pipeline(tmp_path):
     latency_queries=2,
     negatives=(("bm25", 1), ("dual_encoder", 1)),
   )
+  monkeypatch.setattr(sys, "argv", ["/x/bin/dsi-jax", "train", "--gin_bindings=a='b c'"])
   report = experiment.run_rerank_experiment(
     config, data=str(tmp_path / "data"), workdir=str(tmp_path / "out"), show_progress=False
   )
@@ -315,5 +319,6 @@ def test_the_squad_experiment_reports_every_pipeline(tmp_path):
     if "+rerank" in r["model"]:
       assert r["speedup"] > 0 and r["rerank_ms"] > 0
   assert results.load(str(tmp_path / "out" / "results.json"))["rows"] == rows
+  assert shlex.split(report["command"]) == ["dsi-jax", "train", "--gin_bindings=a='b c'"]
   kept, kept_rel = experiment.without_test_questions(train, [{"a"}] * 12, [train[3], "other"])
   assert train[3] not in kept and len(kept) == len(kept_rel) == 11

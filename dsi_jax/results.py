@@ -36,6 +36,13 @@ _HEADERS = {
   "recall@5": "R@5",
   "recall@10": "R@10",
 }
+# Cost columns a table shows when its rows carry them (the re-ranking pipelines' latency).
+COST_COLUMNS = {
+  "first_stage_ms": "1st stage ms/q",
+  "rerank_ms": "rerank ms/q",
+  "full_index_ms": "all-items CE ms/q",
+  "speedup": "speed-up",
+}
 GROUP_KEYS = ("model", "setting", "ids", "dataset", "db_size", "tower")
 # Fields of a row that are neither metrics nor the group: kept from the first seed's row.
 _NOT_METRICS = {"num_queries", "num_indexed", "num_seeds", "seed", "device"}
@@ -82,6 +89,10 @@ def is_metric(name: str) -> bool:
 
 def _cell(row: dict, metric: str) -> str:
   v = row.get(metric)
+  if metric in COST_COLUMNS:
+    if v is None:
+      return "–"
+    return f"{v:,.0f}×" if metric == "speedup" else f"{v:,.2f}" if v < 10 else f"{v:,.0f}"
   if v is None or (isinstance(v, float) and math.isnan(v)):
     return "–"
   std = row.get(f"{metric}_std")
@@ -91,12 +102,13 @@ def _cell(row: dict, metric: str) -> str:
 def markdown_table(rows: Sequence[dict]) -> str:
   """One line per method: the seed's Table-1 layout (IA@1 IA@5 MAP@10 R@100) for image rows,
   Hits@1 Hits@10 MRR@10 for question answering rows, R@1 R@5 R@10 for caption -> image rows
-  (the metric groups the rows carry)."""
+  (the metric groups the rows carry), then the cost columns (`COST_COLUMNS`) rows carry."""
   metrics = [m for m in METRICS if any(m in r for r in rows)]
   metrics += [m for m in TEXT_METRICS if any(r.get(m) is not None for r in rows)]
   metrics += [m for m in CAPTION_METRICS if any(r.get(m) is not None for r in rows)]
+  metrics += [m for m in COST_COLUMNS if any(r.get(m) is not None for r in rows)]
   header = "| model | ids | setting | db size | queries | "
-  header += " | ".join(_HEADERS[m] for m in metrics) + " |"
+  header += " | ".join(_HEADERS.get(m) or COST_COLUMNS[m] for m in metrics) + " |"
   lines = [header, "|" + "---|" * (5 + len(metrics))]
   for r in rows:
     seeds = f" ×{r['num_seeds']} seeds" if r.get("num_seeds", 1) > 1 else ""

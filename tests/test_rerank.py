@@ -319,6 +319,8 @@ def test_the_squad_experiment_reports_every_pipeline(tmp_path, monkeypatch):
     if "+rerank" in r["model"]:
       assert r["speedup"] > 0 and r["rerank_ms"] > 0
   assert results.load(str(tmp_path / "out" / "results.json"))["rows"] == rows
+  table = (tmp_path / "out" / "results.md").read_text()
+  assert "rerank ms/q" in table and "speed-up" in table
   assert shlex.split(report["command"]) == ["dsi-jax", "train", "--gin_bindings=a='b c'"]
   kept, kept_rel = experiment.without_test_questions(train, [{"a"}] * 12, [train[3], "other"])
   assert train[3] not in kept and len(kept) == len(kept_rel) == 11

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from dsi_jax.retrieval import Retriever
 
@@ -157,8 +158,6 @@ class CrossEncoderScorer:
       raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
     width = max((len(c) for c in candidates), default=0)
     out: list[np.ndarray] = []
-    from tqdm.auto import tqdm
-
     starts = range(0, len(queries), self.query_batch)
     many = self.show_progress and len(starts) > 1
     for start in tqdm(starts, desc="cross-encoding", leave=False, disable=not many):

@@ -36,7 +36,13 @@ setuptools.setup(
   # torch and transformers are the parity reference of the text and DINOv2 towers;
   # onnxruntime that of the ONNX import.
   extras_require={
-    "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "onnxruntime>=1.20,<1.33"]
+    "test": [
+      "pytest>=8",
+      "hypothesis>=6.100",
+      "torch==2.13.0",
+      "transformers==5.23.0",
+      "onnxruntime>=1.20,<1.33",
+    ]
   },
   entry_points={"console_scripts": ["dsi-jax=dsi_jax.cli:main"]},
 )

@@ -105,7 +105,14 @@ def _search(args) -> int:
 
   if args.k < 1:
     raise ValueError(f"-k must be >= 1, got {args.k}")
-  run = runs.load_run(args.run, phase=args.phase)
+  from dsi_jax import index
+
+  if index.is_index(args.run):
+    if args.phase:
+      raise ValueError("--phase applies to run folders, not to an index")
+    run = index.Index.load(args.run)
+  else:
+    run = runs.load_run(args.run, phase=args.phase)
   texts = [t for t in (args.caption, args.text) if t is not None]
   hits = run.search(images=[args.image] if args.image else [], texts=texts, k=args.k)[0]
   if args.json:
@@ -113,6 +120,35 @@ def _search(args) -> int:
     return 0
   for hit in hits:
     print(f"{hit['rank']:3d}  {hit['score']:9.3f}  {hit['path'] or hit['key']}")
+  return 0
+
+
+def _index(args) -> int:
+  import json
+
+  from dsi_jax import index
+
+  progress = not getattr(args, "no_progress", False)
+  if args.action == "build":
+    config = index.BuildConfig(
+      steps=args.steps, views=args.views or index.BuildConfig.views, seed=args.seed
+    )
+    built = index.Index.build(args.source, args.out, config, show_progress=progress)
+    print(json.dumps(index.describe(built), indent=1))
+  elif args.action == "add":
+    config = index.AddConfig(
+      steps=args.steps,
+      views=args.views or index.AddConfig.views,
+      replay=args.replay,
+      seed=args.seed,
+    )
+    grown = index.Index.add(args.index, args.source, config, show_progress=progress)
+    print(json.dumps(index.describe(grown)["log"][-1], indent=1))
+  elif args.action == "remove":
+    count = index.Index.remove(args.index, args.keys)
+    print(f"removed {count} item(s); {len(args.keys) - count} were already removed")
+  else:
+    print(json.dumps(index.describe(index.Index.load(args.index)), indent=1))
   return 0
 
 
@@ -159,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     "search",
     help="top-k items of a trained run for an image, a caption or a text",
     description="Searches the index of a trained run folder (dsi-jax demo's runs/seedN/vit_dsi_*, "
-    "a gin experiment's workdir, a Flickr or SQuAD run).",
+    "a gin experiment's workdir, a Flickr or SQuAD run) or an index (dsi-jax index build).",
   )
   p.add_argument("run", help="a run folder (or a folder holding exactly one run)")
   query = p.add_mutually_exclusive_group(required=True)
@@ -176,6 +212,34 @@ def main(argv: list[str] | None = None) -> int:
     help='print [{"rank": 1, "key": ..., "score": ..., "path": ... or null}, ...]',
   )
   p.set_defaults(fn=_search)
+
+  p = sub.add_parser("index", help="your own collection: build, add to, remove from an index")
+  actions = p.add_subparsers(dest="action", required=True)
+  a = actions.add_parser(
+    "build",
+    help="index a folder of images (optional captions.csv) or a JSONL of documents",
+    description="Builds a DSI index of SOURCE: a folder of images (any format OpenCV reads) "
+    'or a JSONL file of {"id": ..., "text": ..., "queries": [...]} documents.',
+  )
+  a.add_argument("source", help="a folder of images or a .jsonl file of documents")
+  a.add_argument("--out", required=True, help="the index folder to create (new or empty)")
+  a = actions.add_parser("add", help="add the items of SOURCE (old ids are kept)")
+  a.add_argument("index")
+  a.add_argument("source")
+  a.add_argument(
+    "--replay", type=float, default=1.0, help="old items' views per new view (default 1)"
+  )
+  for a in actions.choices.values():
+    a.add_argument("--steps", type=int, default=None, help="training steps (default: scaled)")
+    a.add_argument("--views", type=int, default=None, help="training views per item")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+  a = actions.add_parser("remove", help="take items out at once (no training)")
+  a.add_argument("index")
+  a.add_argument("keys", nargs="+", metavar="KEY")
+  a = actions.add_parser("info", help="what an index holds and how it was made")
+  a.add_argument("index")
+  p.set_defaults(fn=_index)
 
   p = sub.add_parser("table", help="print the results table of a results.json")
   p.add_argument("results")

@@ -296,9 +296,15 @@ def run_phase(
 
 
 def create_state(
-  model: dsi.DSIModel, input_shape, config: TrainConfig, rng, mesh: jax.sharding.Mesh
+  model: dsi.DSIModel,
+  input_shape,
+  config: TrainConfig,
+  rng,
+  mesh: jax.sharding.Mesh,
+  init_params: Any = None,
 ) -> TrainState:
-  """The initial train state, created directly in its shardings on `mesh`."""
+  """The initial train state, created directly in its shardings on `mesh` (from
+  `init_params` where given, else freshly initialised)."""
   tx = optim.make_optimizer(
     config.learning_rate,
     warmup_steps=config.warmup_steps,
@@ -312,7 +318,13 @@ def create_state(
     return TrainState.create(apply_fn=None, params=params, tx=tx)
 
   abstract = jax.eval_shape(lambda r: model.init(r, input_shape), rng)  # shape or examples
-  params = model.init(rng, input_shape, out_shardings=partitioning.shardings(abstract, mesh))
+  if init_params is not None:
+    given = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), init_params)
+    if given != jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), abstract):
+      raise ValueError("init_params do not fit the model's parameters")
+    params = jax.device_put(init_params, partitioning.shardings(abstract, mesh))
+  else:
+    params = model.init(rng, input_shape, out_shardings=partitioning.shardings(abstract, mesh))
   state_shardings = partitioning.shardings(jax.eval_shape(make_state, params), mesh)
   return jax.jit(make_state, out_shardings=state_shardings)(params)
 
@@ -327,6 +339,7 @@ def train_dsi(
   show_progress: bool = True,
   mesh: jax.sharding.Mesh | None = None,
   spec: Any = None,
+  init_params: Any = None,
 ) -> dict[str, Any]:
   """Runs indexing then (if `finetune`) retrieval fine-tuning; returns both phases' results.
 
@@ -341,6 +354,8 @@ def train_dsi(
 
   spec: the model's `runs.ModelSpec`, written to `workdir/model.json` so that `runs.load_run`
   (and `dsi-jax search`) can rebuild the trained retriever from the folder alone.
+  init_params: parameters to start from instead of a fresh initialisation (continual
+    training, e.g. `dsi_jax.index.Index.add`).
   """
   if finetune and "map@10" not in config.eval_metrics:
     raise ValueError(
@@ -351,7 +366,7 @@ def train_dsi(
   partitioning.host_rows(config.batch_size, mesh)  # a clear error now, not after indexing
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  state = create_state(model, example_inputs(data), config, init_rng, mesh)
+  state = create_state(model, example_inputs(data), config, init_rng, mesh, init_params)
   targets = model.docids.targets()
   writer = None
   phase_checkpoints: dict[str, checkpoints_lib.PhaseCheckpoints] = {}

@@ -9,6 +9,7 @@ setuptools.setup(
   # The SeqIO registrations live in the top-level tasks/ folder and install as dsi_jax.tasks.
   packages=[*setuptools.find_packages(include=["dsi_jax", "dsi_jax.*"]), "dsi_jax.tasks"],
   package_dir={"dsi_jax.tasks": "tasks"},
+  package_data={"dsi_jax": ["page.html"]},
   python_requires=">=3.10",
   install_requires=[
     "jax>=0.10,<0.11",

@@ -152,6 +152,13 @@ def _index(args) -> int:
   return 0
 
 
+def _serve(args) -> int:
+  from dsi_jax import serve
+
+  serve.serve(args.index, host=args.host, port=args.port)
+  return 0
+
+
 def _table(args) -> int:
   from dsi_jax import results
 
@@ -240,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
   a = actions.add_parser("info", help="what an index holds and how it was made")
   a.add_argument("index")
   p.set_defaults(fn=_index)
+
+  p = sub.add_parser("serve", help="a search page for an index (dsi-jax index build)")
+  p.add_argument("index")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+  p.set_defaults(fn=_serve)
 
   p = sub.add_parser("table", help="print the results table of a results.json")
   p.add_argument("results")

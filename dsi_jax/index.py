@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -208,16 +209,31 @@ class Index:
   def search(
     self, *, images: Sequence[str] = (), texts: Sequence[str] = (), k: int = 10
   ) -> list[list[dict]]:
-    """`[{"rank", "key", "score", "id", "path", "text"}, ...]` per query (images, then texts)."""
-    hits = self.run.search(images=images, texts=texts, k=k)
+    """`[{"rank", "key", "score", "id", "path", "text"}, ...]` per query (images, then texts);
+    an image is a file's path or its encoded bytes."""
+    return [self._describe(q) for q in self.run.search(images=images, texts=texts, k=k)]
+
+  def search_inputs(self, inputs: np.ndarray, k: int = 10) -> list[list[dict]]:
+    """`search` for queries already prepared as model inputs (e.g. an item's own pixels)."""
+    ranked, scores = self.run.retriever.search(inputs, k)
+    return [
+      self._describe(
+        [{"rank": i + 1, "key": key, "score": float(s)} for i, (key, s) in enumerate(zip(r, sc))]
+      )
+      for r, sc in zip(ranked, scores)
+    ]
+
+  def _describe(self, query: list[dict]) -> list[dict]:
     paths = self.items.get("paths") or {}
-    row = {key: i for i, key in enumerate(self.items["keys"])}
-    for query in hits:
-      for hit in query:
-        hit["id"] = self.run.model.docids.id_string(hit["key"])
-        hit["path"] = paths.get(hit["key"])
-        hit["text"] = self.items["texts"][row[hit["key"]]] if self.kind == "texts" else None
-    return hits
+    for hit in query:
+      hit["id"] = self.run.model.docids.id_string(hit["key"])
+      hit["path"] = paths.get(hit["key"])
+      hit["text"] = self.items["texts"][self._rows[hit["key"]]] if self.kind == "texts" else None
+    return query
+
+  @functools.cached_property
+  def _rows(self) -> dict[str, int]:
+    return {key: i for i, key in enumerate(self.items["keys"])}
 
   def thumbnail(self, key: str) -> np.ndarray | None:
     """The image of `key` as the model saw it (uint8 RGB), for image indexes."""

@@ -171,19 +171,22 @@ class Run:
   retriever: retrieval.DSIRetriever
   tokenizer: Any = None
 
-  def prepare_images(self, paths: Sequence[str]) -> np.ndarray:
-    """Image files (any size, grayscale, RGB or RGBA) -> model inputs, prepared as the corpus
-    was: centre-cropped square, resized to the run's side, RGB, scaled to [-1, 1]."""
+  def prepare_images(self, paths: Sequence[str | bytes]) -> np.ndarray:
+    """Image files or their bytes (any size, grayscale, RGB or RGBA) -> model inputs, prepared
+    as the corpus was: centre-cropped square, resized to the run's side, RGB, in [-1, 1]."""
     from dsi_jax.data import images
 
     if "image" not in self.spec.queries:
       raise ValueError(f"{self.workdir}: this model reads {', '.join(self.spec.queries)} queries")
     rows = []
     for path in paths:
-      if not os.path.isfile(path):
+      if isinstance(path, bytes):  # an upload: the encoded file itself
+        pixels, path = images.decode_image(path, source="<uploaded image>"), "<uploaded image>"
+      elif not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
-      with open(path, "rb") as f:
-        pixels = images.decode_image(f.read(), source=path)
+      else:
+        with open(path, "rb") as f:
+          pixels = images.decode_image(f.read(), source=path)
       height, width = pixels.shape[:2]
       side = min(height, width)
       if side * side < 0.5 * height * width:  # say what the centre crop throws away

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,8 +196,6 @@ def test_build_refuses_a_used_folder(built):
 def test_remove_is_immediate_and_the_cli_names_unknown_keys(built, tmp_path, capsys):
   root, path, keys, _ = built
   copy = tmp_path / "index"
-  import shutil
-
   shutil.copytree(path, copy)
   query = augmented_copy(root / "photos" / keys[2], tmp_path / "q.png", 7)
   assert index.Index.load(str(copy)).search(images=[query], k=1)[0][0]["key"] == keys[2]
@@ -210,8 +209,6 @@ def test_remove_is_immediate_and_the_cli_names_unknown_keys(built, tmp_path, cap
 
 def test_add_keeps_old_ids_and_finds_new_images(built, tmp_path):
   root, path, keys, idx = built
-  import shutil
-
   copy = str(tmp_path / "index")
   shutil.copytree(path, copy)
   new_keys = write_images(tmp_path / "more", 3, seed=2, prefix="new")
@@ -233,8 +230,6 @@ def test_add_keeps_old_ids_and_finds_new_images(built, tmp_path):
 
 def test_sigkill_during_add_leaves_the_old_index_answering_as_before(built, tmp_path):
   root, path, keys, _ = built
-  import shutil
-
   copy = str(tmp_path / "index")
   shutil.copytree(path, copy)
   write_images(tmp_path / "more", 2, seed=3, prefix="late")
@@ -306,3 +301,97 @@ def test_a_jsonl_of_documents_is_searched_by_its_questions(tmp_path, capsys):
   assert hits[0][0]["text"].startswith("Mount Etna")
   assert cli.main(["search", out, "--text", "race of 42 kilometres", "--json", "-k", "1"]) == 0
   assert json.loads(capsys.readouterr().out)[0]["key"] == "marathon"
+  import threading
+
+  from dsi_jax import serve
+
+  srv = serve.make_server(loaded, port=0)  # a text query over HTTP
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  try:
+    status, reply = post(
+      f"http://127.0.0.1:{srv.server_address[1]}", {"text": "sunlight and sugar"}
+    )
+  finally:
+    srv.shutdown()
+    srv.server_close()
+  assert status == 200 and reply["results"][0]["key"] == "photosynthesis"
+  assert reply["results"][0]["thumb"] is None and "Plants" in reply["results"][0]["text"]
+
+
+# ----------------------------------------------------------------------------- the web page
+
+
+@pytest.fixture
+def server(built):
+  import threading
+
+  from dsi_jax import serve
+
+  srv = serve.make_server(index.Index.load(built[1]), port=0)
+  thread = threading.Thread(target=srv.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{srv.server_address[1]}"
+  srv.shutdown()
+  srv.server_close()
+
+
+def post(url, body):
+  import urllib.error
+  import urllib.request
+
+  request = urllib.request.Request(
+    url + "/search", json.dumps(body).encode(), {"Content-Type": "application/json"}
+  )
+  try:
+    with urllib.request.urlopen(request, timeout=120) as reply:
+      return reply.status, json.loads(reply.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def test_the_server_answers_uploads_and_items_and_explains_bad_requests(built, server, tmp_path):
+  import base64
+  import urllib.request
+
+  root, _, keys, _ = built
+  query = augmented_copy(root / "photos" / keys[4], tmp_path / "q.png", 11)
+  with open(query, "rb") as f:
+    upload = base64.b64encode(f.read()).decode()
+  status, reply = post(server, {"image": upload, "k": 3})
+  assert status == 200 and reply["results"][0]["key"] == keys[4]
+  assert reply["results"][0]["thumb"].startswith("/thumb?key=")
+  status, reply = post(server, {"item": keys[6], "k": 2})
+  assert status == 200 and reply["results"][0]["key"] == keys[6]
+  for body, message in (
+    ({"image": base64.b64encode(b"not an image").decode()}, "not an image"),
+    ({"image": "%%%"}, "not base64"),
+    ({"text": "a red disc"}, "searches by image"),
+    ({"item": "nope.png"}, "no item 'nope.png'"),
+    ({"text": "x", "image": upload}, "send one of"),
+  ):
+    status, reply = post(server, body)
+    assert status == 400 and message in reply["error"]
+  with urllib.request.urlopen(server + "/thumb?key=" + keys[0]) as reply:
+    assert reply.headers["Content-Type"] == "image/png" and reply.read()[:4] == b"\x89PNG"
+  assert post(server, {"item": keys[1], "k": 1})[0] == 200  # still serving
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (setup.sh)")
+def test_headless_chromium_shows_result_thumbnails(built, server):
+  root, _, keys, _ = built
+  dom = subprocess.run(
+    [
+      "chromium",
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--virtual-time-budget=20000",
+      "--dump-dom",
+      f"{server}/?item={keys[3]}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  ).stdout
+  assert dom.count('class="thumb"') == 8  # every live item, as a thumbnail
+  assert f'alt="{keys[3]}"' in dom and "#1" in dom and "search with this" in dom

@@ -44,8 +44,7 @@ from typing import Any
 import numpy as np
 
 from dsi_jax import collection as collection_lib
-from dsi_jax import docids as docids_lib
-from dsi_jax import errors, results, runs
+from dsi_jax import errors, index_training, results, runs
 from dsi_jax.errors import UserError
 
 INDEX_FILE = "index.json"
@@ -87,12 +86,6 @@ class AddConfig:
   batch_size: int = 32
   learning_rate: float = 5e-4
   seed: int = 0
-
-
-def default_steps(num_items: int) -> int:
-  """Steps of a training phase for a collection of this size: enough for every item to be
-  seen about 30 times in batches of 32, between 200 and 3,000."""
-  return int(np.clip(num_items, 200, 3000))
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -267,8 +260,6 @@ class Index:
     show_progress: bool = True,
   ) -> Index:
     """Makes an index of a folder of images or a JSONL of documents (`dsi_jax.collection`)."""
-    from dsi_jax import index_training
-
     if os.path.isfile(os.path.join(path, INDEX_FILE)):
       raise UserError(f"{path}: already an index; add to it with dsi-jax index add")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -309,8 +300,6 @@ class Index:
     path: str, source: str, config: AddConfig = AddConfig(), *, show_progress: bool = True
   ) -> Index:
     """Adds the items of `source` without renumbering the old ones (see the module docstring)."""
-    from dsi_jax import index_training
-
     new = collection_lib.read_collection(source)
     with _writer(path):
       state = _read_state(path)
@@ -337,13 +326,6 @@ class Index:
       }
       _commit(path, tmp, generation, {**state, "log": [*state.get("log", []), entry]})
     return Index.load(path)
-
-
-def new_atomic_ids(old: docids_lib.DocidMap, keys: Sequence[str]) -> docids_lib.DocidMap:
-  """The old atomic ids and the next free ones for `keys` (no old id changes)."""
-  if old.scheme != "atomic":
-    raise UserError(f"adding items needs atomic ids; this index has {old.scheme} ids")
-  return docids_lib.atomic_ids([*old.keys, *keys])
 
 
 def is_index(path: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dsi_jax import batches, runs
+from dsi_jax import batches, errors, runs
 from dsi_jax import docids as docids_lib
 from dsi_jax import train as train_lib
 from dsi_jax.collection import Collection, text_spans
@@ -22,6 +23,19 @@ from dsi_jax.data import inputs as inputs_lib
 
 METRICS = ("map@10", "hits@1", "hits@10", "mrr@10")
 EVAL_ITEMS = 100  # items whose held-out views validate (and test) a training run
+
+
+def default_steps(num_items: int) -> int:
+  """Steps of a training phase for a collection of this size: enough for every item to be
+  seen about 30 times in batches of 32, between 200 and 3,000."""
+  return int(np.clip(num_items, 200, 3000))
+
+
+def new_atomic_ids(old: docids_lib.DocidMap, keys: Sequence[str]) -> docids_lib.DocidMap:
+  """The old atomic ids and the next free ones for `keys` (no old id changes)."""
+  if old.scheme != "atomic":
+    raise errors.UserError(f"adding items needs atomic ids; this index has {old.scheme} ids")
+  return docids_lib.atomic_ids([*old.keys, *keys])
 
 
 # ----------------------------------------------------------------------------- items
@@ -201,7 +215,7 @@ def text_spec(length: int) -> runs.ModelSpec:
 def train_new(items: Collection, workdir: str, config, *, show_progress: bool = True):
   """Trains the first generation of `items` in `workdir`; `(summary, pixels or None)`."""
   n = len(items)
-  steps = config.steps or _default_steps(n)
+  steps = config.steps or default_steps(n)
   docids = docids_lib.atomic_ids(items.keys)
   rows = np.arange(n)
   held = eval_rows(rows, EVAL_ITEMS, config.seed)
@@ -241,8 +255,6 @@ def train_new(items: Collection, workdir: str, config, *, show_progress: bool = 
 def train_added(old, new: Collection, workdir: str, config, *, show_progress: bool = True):
   """Trains the next generation: `old` (a loaded `Index`) with `new`'s items added.
   Returns `(summary, items record, pixels or None)`."""
-  from dsi_jax.index import new_atomic_ids
-
   spec = old.run.spec
   docids = new_atomic_ids(old.run.model.docids, new.keys)
   model, tokenizer = runs.build_model(spec, docids)
@@ -289,7 +301,7 @@ def train_added(old, new: Collection, workdir: str, config, *, show_progress: bo
       )
     views.train_rel += list(replay)
     data = retrieval_data(inputs_lib.token_rows(doc_ids, spec.text_length), views, lambda x: x)
-  steps = config.steps or _default_steps(n_new)
+  steps = config.steps or default_steps(n_new)
   _say(
     f"adding {n_new} {new.kind} to {n_old}: up to {steps} steps of continual training",
     show_progress,
@@ -315,12 +327,6 @@ def train_added(old, new: Collection, workdir: str, config, *, show_progress: bo
     init_params=params,
   )
   return _summary(result), record, pixels
-
-
-def _default_steps(n: int) -> int:
-  from dsi_jax.index import default_steps
-
-  return default_steps(n)
 
 
 def _say(message: str, show_progress: bool) -> None:

@@ -24,6 +24,8 @@ from dsi_jax import errors
 METRICS = ("ia@1", "ia@5", "map@10", "recall@100")  # the seed's Table 1
 TEXT_METRICS = ("hits@1", "hits@10", "mrr@10")  # the DSI paper's question answering table
 CAPTION_METRICS = ("recall@1", "recall@5", "recall@10")  # text -> image retrieval (CLIP-DSI)
+# A changed index (`dsi_jax.index`): IA@1 of the items added, and of the items it held before.
+CHANGE_METRICS = ("ia_new@1", "ia_old@1")
 _HEADERS = {
   "ia@1": "IA@1",
   "ia@5": "IA@5",
@@ -35,6 +37,8 @@ _HEADERS = {
   "recall@1": "R@1",
   "recall@5": "R@5",
   "recall@10": "R@10",
+  "ia_new@1": "IA@1 new",
+  "ia_old@1": "IA@1 old",
 }
 # Cost columns a table shows when its rows carry them (the re-ranking pipelines' latency).
 COST_COLUMNS = {
@@ -42,6 +46,9 @@ COST_COLUMNS = {
   "rerank_ms": "rerank ms/q",
   "full_index_ms": "all-items CE ms/q",
   "speedup": "speed-up",
+  "wall_seconds": "wall s",
+  "search_ms": "search ms/q",
+  "search_batch_ms": "batched ms/q",
 }
 GROUP_KEYS = ("model", "setting", "ids", "dataset", "db_size", "tower")
 # Fields of a row that are neither metrics nor the group: kept from the first seed's row.
@@ -84,7 +91,8 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
 def is_metric(name: str) -> bool:
   """Whether a row field is a ranking metric ("map@10", "recall@1", "ia@5", ...)."""
   prefix, sep, k = name.partition("@")
-  return bool(sep) and k.isdigit() and prefix in ("ia", "map", "recall", "hits", "mrr")
+  prefixes = ("ia", "map", "recall", "hits", "mrr", "ia_new", "ia_old")
+  return bool(sep) and k.isdigit() and prefix in prefixes
 
 
 def _cell(row: dict, metric: str) -> str:
@@ -106,6 +114,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
   metrics = [m for m in METRICS if any(m in r for r in rows)]
   metrics += [m for m in TEXT_METRICS if any(r.get(m) is not None for r in rows)]
   metrics += [m for m in CAPTION_METRICS if any(r.get(m) is not None for r in rows)]
+  metrics += [m for m in CHANGE_METRICS if any(r.get(m) is not None for r in rows)]
   metrics += [m for m in COST_COLUMNS if any(r.get(m) is not None for r in rows)]
   header = "| model | ids | setting | db size | queries | "
   header += " | ".join(_HEADERS.get(m) or COST_COLUMNS[m] for m in metrics) + " |"

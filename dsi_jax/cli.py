@@ -131,7 +131,7 @@ def _index(args) -> int:
   progress = not getattr(args, "no_progress", False)
   if args.action == "build":
     config = index.BuildConfig(
-      steps=args.steps, views=args.views or index.BuildConfig.views, seed=args.seed
+      steps=args.steps, views=args.views or index.BuildConfig.views, ids=args.ids, seed=args.seed
     )
     built = index.Index.build(args.source, args.out, config, show_progress=progress)
     print(json.dumps(index.describe(built), indent=1))
@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   a.add_argument("source", help="a folder of images or a .jsonl file of documents")
   a.add_argument("--out", required=True, help="the index folder to create (new or empty)")
+  a.add_argument(
+    "--ids", choices=("atomic", "random", "semantic"), default="atomic", help="default: atomic"
+  )
   a = actions.add_parser("add", help="add the items of SOURCE (old ids are kept)")
   a.add_argument("index")
   a.add_argument("source")

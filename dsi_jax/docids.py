@@ -374,3 +374,58 @@ def from_mapping(
   return DocidMap(
     scheme, num_codes, tuple(ids), tuple(tuple(int(x) for x in c) for c in ids.values())
   )
+
+
+def extend_ids(
+  old: DocidMap,
+  keys: Sequence[str],
+  *,
+  embeddings=None,
+  old_embeddings=None,
+  seed: int = 0,
+) -> DocidMap:
+  """`old` with ids for the new `keys`, no old id changed (an index that grows).
+
+  atomic: the next numbers (the vocabulary grows by one token per item). random: numbers not
+  yet used, of the same length, drawn at random. semantic: the leaf of the old item nearest by
+  cosine over `embeddings` / `old_embeddings`, with its first free last code (the next nearest
+  item's leaf where that one is full). Raises ValueError where a scheme has no room left.
+  """
+  keys = list(keys)
+  clash = sorted(set(keys) & set(old.keys)) or sorted(k for k in set(keys) if keys.count(k) > 1)
+  if clash:
+    raise ValueError(f"key {clash[0]!r} already has an id")
+  if old.scheme == "atomic":
+    return atomic_ids([*old.keys, *keys])
+  used = set(old.codes)
+  new: list[tuple[int, ...]] = []
+  if old.scheme == "random":
+    length = len(old.codes[0])
+    capacity = old.num_codes**length
+    taken = {sum(d * old.num_codes ** (length - 1 - i) for i, d in enumerate(c)) for c in used}
+    free = np.setdiff1d(np.arange(capacity), np.fromiter(taken, np.int64))
+    if len(free) < len(keys):
+      raise ValueError(
+        f"random ids of {length} digits hold {capacity} items; {len(old)} + {len(keys)} do not fit"
+      )
+    numbers = np.random.default_rng(seed).choice(free, size=len(keys), replace=False)
+    new = _digits(numbers, old.num_codes, length)
+  elif old.scheme == "semantic":
+    x = _check_embeddings(keys, embeddings)
+    y = _check_embeddings(old.keys, old_embeddings)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    leaves = [c[:-1] for c in old.codes]
+    for row in x:
+      for j in np.argsort(-(y @ row), kind="stable"):
+        prefix = leaves[j]
+        free = [s for s in range(old.num_codes) if (*prefix, s) not in used]
+        if free:
+          new.append((*prefix, free[0]))
+          used.add(new[-1])
+          break
+      else:
+        raise ValueError(f"every leaf of the semantic ids is full ({old.num_codes} codes each)")
+  else:
+    raise ValueError(f"items cannot be added to {old.scheme} ids")
+  return DocidMap(old.scheme, old.num_codes, (*old.keys, *keys), (*old.codes, *new))

@@ -50,6 +50,8 @@ from dsi_jax.errors import UserError
 INDEX_FILE = "index.json"
 ITEMS_FILE = "items.json"
 PIXELS_FILE = "pixels.npy"
+EMBEDDINGS_FILE = "embeddings.npy"
+ID_SCHEMES = ("atomic", "random", "semantic")
 FORMAT = 1
 LOCK_FILE = ".lock"
 GENERATION = re.compile(r"g\d{4,}")
@@ -63,16 +65,24 @@ class BuildConfig:
     collection (`default_steps`). views: training queries per item (augmented images, or text
     spans besides a document's known queries). image_size: the side images are resized to
     (a multiple of 14, the tower's patch). text_length: word pieces of a document or query.
+  ids: "atomic" (one output row per item), "random" (3 digits for up to 1,000 items, ...) or
+    "semantic" (hierarchical k-means over the tower's mean-pooled outputs, 10 clusters per
+    level, leaves of up to 100).
   """
 
   steps: int | None = None
   views: int = 4
+  ids: str = "atomic"
   image_size: int = 112
   output_block: int = 8
   text_length: int = 64
   batch_size: int = 32
   learning_rate: float = 1e-3
   seed: int = 0
+
+  def __post_init__(self):
+    if self.ids not in ID_SCHEMES:
+      raise UserError(f"unknown id scheme {self.ids!r}; use {', '.join(ID_SCHEMES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +93,11 @@ class AddConfig:
   steps: int | None = None
   views: int = 4
   replay: float = 1.0
+
+  def __post_init__(self):
+    if self.replay < 0:
+      raise UserError(f"replay must be >= 0, got {self.replay}")
+
   batch_size: int = 32
   learning_rate: float = 5e-4
   seed: int = 0
@@ -153,8 +168,9 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def _save_items(folder: str, items: dict, pixels: np.ndarray | None) -> None:
+def _save_items(folder: str, items: dict, pixels: np.ndarray | None, embeddings) -> None:
   results.write_json(items, os.path.join(folder, ITEMS_FILE))
+  np.save(os.path.join(folder, EMBEDDINGS_FILE), embeddings, allow_pickle=False)
   if pixels is not None:
     np.save(os.path.join(folder, PIXELS_FILE), pixels, allow_pickle=False)
 
@@ -274,9 +290,11 @@ class Index:
       generation = _next_generation(path, None)
       tmp = os.path.join(path, f".tmp-{generation}")
       t0 = time.time()
-      summary, pixels = index_training.train_new(items, tmp, config, show_progress=show_progress)
+      summary, pixels, embeddings = index_training.train_new(
+        items, tmp, config, show_progress=show_progress
+      )
       record = index_training.items_record(items, pixels)
-      _save_items(tmp, record, pixels)
+      _save_items(tmp, record, pixels, embeddings)
       state = {
         "format": FORMAT,
         "kind": items.kind,
@@ -312,10 +330,13 @@ class Index:
       generation = _next_generation(path, state)
       tmp = os.path.join(path, f".tmp-{generation}")
       t0 = time.time()
-      summary, record, pixels = index_training.train_added(
-        old, new, tmp, config, show_progress=show_progress
+      embeddings = np.load(
+        os.path.join(path, state["generation"], EMBEDDINGS_FILE), allow_pickle=False
       )
-      _save_items(tmp, record, pixels)
+      summary, record, pixels, embeddings = index_training.train_added(
+        old, embeddings, new, tmp, config, show_progress=show_progress
+      )
+      _save_items(tmp, record, pixels, embeddings)
       entry = {
         "op": "add",
         "source": os.path.abspath(source),

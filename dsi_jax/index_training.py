@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -29,13 +28,6 @@ def default_steps(num_items: int) -> int:
   """Steps of a training phase for a collection of this size: enough for every item to be
   seen about 30 times in batches of 32, between 200 and 3,000."""
   return int(np.clip(num_items, 200, 3000))
-
-
-def new_atomic_ids(old: docids_lib.DocidMap, keys: Sequence[str]) -> docids_lib.DocidMap:
-  """The old atomic ids and the next free ones for `keys` (no old id changes)."""
-  if old.scheme != "atomic":
-    raise errors.UserError(f"adding items needs atomic ids; this index has {old.scheme} ids")
-  return docids_lib.atomic_ids([*old.keys, *keys])
 
 
 # ----------------------------------------------------------------------------- items
@@ -212,11 +204,32 @@ def text_spec(length: int) -> runs.ModelSpec:
   )
 
 
+def item_embeddings(encoded: np.ndarray, raw: np.ndarray) -> np.ndarray:
+  """`[n, d]` float32: the frozen tower's outputs `[n, tokens, d]` mean-pooled (over the
+  unpadded word pieces of token rows `raw`, over every token of an image)."""
+  encoded = np.asarray(encoded, np.float32)
+  if np.issubdtype(np.asarray(raw).dtype, np.integer):
+    mask = (np.asarray(raw) != 0).astype(np.float32)[..., None]
+    return (encoded * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+  return encoded.mean(axis=1)
+
+
+def make_ids(scheme: str, keys, embeddings: np.ndarray, seed: int) -> docids_lib.DocidMap:
+  if scheme == "atomic":
+    return docids_lib.atomic_ids(keys)
+  if scheme == "random":
+    return docids_lib.random_ids(keys, num_codes=10, seed=seed)
+  if scheme == "semantic":
+    return docids_lib.semantic_ids(keys, embeddings, k=10, c=100, seed=seed)
+  raise errors.UserError(f"unknown id scheme {scheme!r}; use atomic, random or semantic")
+
+
 def train_new(items: Collection, workdir: str, config, *, show_progress: bool = True):
-  """Trains the first generation of `items` in `workdir`; `(summary, pixels or None)`."""
+  """Trains the first generation of `items` in `workdir`.
+  Returns `(summary, pixels or None, item embeddings)`."""
   n = len(items)
   steps = config.steps or default_steps(n)
-  docids = docids_lib.atomic_ids(items.keys)
+  docids = docids_lib.atomic_ids(items.keys)  # the towers do not depend on the ids
   rows = np.arange(n)
   held = eval_rows(rows, EVAL_ITEMS, config.seed)
   pixels = None
@@ -238,7 +251,12 @@ def train_new(items: Collection, workdir: str, config, *, show_progress: bool = 
   _say(
     f"indexing {n} {items.kind}: up to {steps} steps of indexing, then of retrieval", show_progress
   )
+  raw_index = data.index_inputs
   data = _encode(model, spec, data, show_progress)
+  embeddings = item_embeddings(data.index_inputs, raw_index)
+  if config.ids != "atomic":
+    docids = make_ids(config.ids, items.keys, embeddings, config.seed)
+    model, _ = runs.build_model(spec, docids)
   tconf = train_config(
     steps,
     batch_size=config.batch_size,
@@ -249,15 +267,16 @@ def train_new(items: Collection, workdir: str, config, *, show_progress: bool = 
   result = train_lib.train_dsi(
     model, data, config=tconf, workdir=workdir, spec=spec, show_progress=show_progress
   )
-  return _summary(result), pixels
+  return _summary(result), pixels, embeddings
 
 
-def train_added(old, new: Collection, workdir: str, config, *, show_progress: bool = True):
-  """Trains the next generation: `old` (a loaded `Index`) with `new`'s items added.
-  Returns `(summary, items record, pixels or None)`."""
+def train_added(
+  old, embeddings, new: Collection, workdir: str, config, *, show_progress: bool = True
+):
+  """Trains the next generation: `old` (a loaded `Index`, with `embeddings` of its items)
+  with `new`'s items added. Returns `(summary, items record, pixels or None, embeddings)`."""
   spec = old.run.spec
-  docids = new_atomic_ids(old.run.model.docids, new.keys)
-  model, tokenizer = runs.build_model(spec, docids)
+  tokenizer = old.run.tokenizer
   n_old, n_new = len(old.items["keys"]), len(new)
   new_rows = np.arange(n_old, n_old + n_new)
   removed = set(old.state["removed"])
@@ -306,10 +325,27 @@ def train_added(old, new: Collection, workdir: str, config, *, show_progress: bo
     f"adding {n_new} {new.kind} to {n_old}: up to {steps} steps of continual training",
     show_progress,
   )
-  data = _encode(model, spec, data, show_progress)
-  params = grown_params(
-    old.run.model, model, spec, old.run.params, data.train_inputs, views.train_rel, n_old
+  raw_index = data.index_inputs
+  data = _encode(old.run.model, spec, data, show_progress)  # the same frozen tower
+  embeddings = np.concatenate(
+    [embeddings, item_embeddings(data.index_inputs[n_old:], raw_index[n_old:])]
   )
+  try:
+    docids = docids_lib.extend_ids(
+      old.run.model.docids,
+      new.keys,
+      embeddings=embeddings[n_old:],
+      old_embeddings=embeddings[:n_old],
+      seed=config.seed,
+    )
+  except ValueError as e:
+    raise errors.UserError(f"{old.path}: {e}; build the index again") from None
+  model, _ = runs.build_model(spec, docids)
+  params = old.run.params  # the ids' vocabulary is the same, except for atomic ids
+  if docids.scheme == "atomic":
+    params = grown_params(
+      old.run.model, model, spec, old.run.params, data.train_inputs, views.train_rel, n_old
+    )
   tconf = train_config(
     steps,
     batch_size=config.batch_size,
@@ -326,7 +362,7 @@ def train_added(old, new: Collection, workdir: str, config, *, show_progress: bo
     show_progress=show_progress,
     init_params=params,
   )
-  return _summary(result), record, pixels
+  return _summary(result), record, pixels, embeddings
 
 
 def _say(message: str, show_progress: bool) -> None:

@@ -146,3 +146,33 @@ def test_embedding_schemes_reject_bad_embeddings():
     docids_lib.semantic_ids(["a", "b"], np.zeros((3, 4)))
   with pytest.raises(ValueError, match="NaN"):
     docids_lib.rq_ids(["a", "b"], np.array([[0.0, np.nan], [1.0, 1.0]]))
+
+
+def test_extend_ids_keeps_old_ids_and_follows_each_scheme():
+  keys = [f"k{i}" for i in range(30)]
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(3, 8)) * 10
+  emb = np.concatenate([c + rng.normal(size=(10, 8)) for c in centers]).astype(np.float32)
+  for old in (
+    docids_lib.atomic_ids(keys),
+    docids_lib.random_ids(keys, num_codes=4, seed=1),
+    docids_lib.semantic_ids(keys, emb, k=3, c=12, seed=0),
+  ):
+    new_emb = (centers[[2, 0]] + 0.1).astype(np.float32)
+    grown = docids_lib.extend_ids(old, ["n0", "n1"], embeddings=new_emb, old_embeddings=emb, seed=3)
+    assert grown.codes[:30] == old.codes and grown.keys[30:] == ("n0", "n1")
+    if old.scheme == "atomic":
+      assert grown.codes[30:] == ((30,), (31,)) and grown.vocab_size == old.vocab_size + 2
+    else:
+      assert grown.num_codes == old.num_codes
+    if old.scheme == "random":
+      assert {len(c) for c in grown.codes} == {3}  # 4**3 = 64 ids of 3 digits
+    if old.scheme == "semantic":  # the leaf of the nearest old item: its cluster
+      for key, center in (("n0", 2), ("n1", 0)):
+        leaf = grown.codes[grown.index(key)][:-1]
+        assert leaf == old.codes[center * 10][:-1]
+  full = docids_lib.random_ids(keys[:16], num_codes=4, seed=0)  # 2 digits: 16 ids, all used
+  with pytest.raises(ValueError, match="do not fit"):
+    docids_lib.extend_ids(full, ["x"])
+  with pytest.raises(ValueError, match="already has an id"):
+    docids_lib.extend_ids(full, ["k3"])

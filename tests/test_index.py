@@ -395,3 +395,31 @@ def test_headless_chromium_shows_result_thumbnails(built, server):
   ).stdout
   assert dom.count('class="thumb"') == 8  # every live item, as a thumbnail
   assert f'alt="{keys[3]}"' in dom and "#1" in dom and "search with this" in dom
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ids", ["random", "semantic"])
+def test_add_and_remove_keep_old_ids_for_random_and_semantic_ids(tmp_path, ids):
+  topics = ["volcano lava", "jazz trumpet", "marathon race", "sugar plants", "chess opening"]
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text(
+    "".join(
+      json.dumps({"id": f"d{i}", "text": f"A text about {t}."}) + "\n" for i, t in enumerate(topics)
+    )
+  )
+  more = tmp_path / "more.jsonl"
+  more.write_text(json.dumps({"id": "n0", "text": "Another text about jazz and a trumpet."}) + "\n")
+  path = str(tmp_path / "index")
+  built = index.Index.build(
+    str(docs), path, index.BuildConfig(steps=30, ids=ids), show_progress=False
+  )
+  old = {k: built.run.model.docids.id_string(k) for k in built.keys}
+  index.Index.remove(path, ["d4"])
+  grown = index.Index.add(path, str(more), index.AddConfig(steps=25), show_progress=False)
+  assert grown.run.model.docids.scheme == ids
+  assert {k: grown.run.model.docids.id_string(k) for k in old} == old
+  assert grown.keys == ["d0", "d1", "d2", "d3", "n0"]  # d4 stays removed
+  hits = grown.search(texts=["jazz trumpet", "chess opening"], k=5)
+  assert all(len(q) == 5 and "d4" not in {h["key"] for h in q} for q in hits)
+  if ids == "semantic":  # beside its nearest old document
+    assert grown.run.model.docids.codes[-1][:-1] in {c[:-1] for c in built.run.model.docids.codes}

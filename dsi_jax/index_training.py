@@ -147,11 +147,13 @@ def retrieval_data(index_inputs: np.ndarray, views: Views, as_inputs) -> batches
   )
 
 
-def train_config(steps: int, *, batch_size: int, learning_rate: float, seed: int, index: bool):
+def train_config(steps: int, config, *, index: bool) -> train_lib.TrainConfig:
+  """The trainer's config for a build (`index`: indexing, then retrieval) or an add
+  (retrieval only, from the grown model); `config` an `index.BuildConfig` or `AddConfig`."""
   every = max(25, steps // 8)
   return train_lib.TrainConfig(
-    batch_size=batch_size,
-    learning_rate=learning_rate,
+    batch_size=config.batch_size,
+    learning_rate=config.learning_rate,
     warmup_steps=min(100, max(1, steps // 10)),
     index_max_steps=steps if index else 0,
     index_eval_every=every,
@@ -161,7 +163,7 @@ def train_config(steps: int, *, batch_size: int, learning_rate: float, seed: int
     eval_batch_size=64,
     ranking="auto",
     eval_metrics=METRICS,
-    seed=seed,
+    seed=config.seed,
   )
 
 
@@ -257,13 +259,7 @@ def train_new(items: Collection, workdir: str, config, *, show_progress: bool = 
   if config.ids != "atomic":
     docids = make_ids(config.ids, items.keys, embeddings, config.seed)
     model, _ = runs.build_model(spec, docids)
-  tconf = train_config(
-    steps,
-    batch_size=config.batch_size,
-    learning_rate=config.learning_rate,
-    seed=config.seed,
-    index=True,
-  )
+  tconf = train_config(steps, config, index=True)
   result = train_lib.train_dsi(
     model, data, config=tconf, workdir=workdir, spec=spec, show_progress=show_progress
   )
@@ -346,13 +342,7 @@ def train_added(
     params = grown_params(
       old.run.model, model, spec, old.run.params, data.train_inputs, views.train_rel, n_old
     )
-  tconf = train_config(
-    steps,
-    batch_size=config.batch_size,
-    learning_rate=config.learning_rate,
-    seed=config.seed,
-    index=False,
-  )
+  tconf = train_config(steps, config, index=False)
   result = train_lib.train_dsi(
     model,
     data,

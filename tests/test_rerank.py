@@ -324,3 +324,11 @@ def test_the_squad_experiment_reports_every_pipeline(tmp_path, monkeypatch):
   assert shlex.split(report["command"]) == ["dsi-jax", "train", "--gin_bindings=a='b c'"]
   kept, kept_rel = experiment.without_test_questions(train, [{"a"}] * 12, [train[3], "other"])
   assert train[3] not in kept and len(kept) == len(kept_rel) == 11
+
+
+def test_flickr_training_pairs_never_show_the_query_in_the_item_text():
+  from dsi_jax.experiments.flickr_rerank import leave_one_out
+
+  captions_of = {"a.jpg": ["a dog runs", "a brown dog", "dog on grass"], "b.jpg": ["a cat"]}
+  pairs = [("a brown dog", "a.jpg"), ("a brown dog", "b.jpg"), ("a cat", "b.jpg")]
+  assert leave_one_out(pairs, captions_of) == ["a dog runs ; dog on grass", "a cat", ""]

@@ -9,7 +9,7 @@ average-pooled to `grid x grid` plus the class token, projected to MiniLM's widt
 the training captions, each with its image and hard negatives from the first stages' rankings
 of the training captions. The "image+captions" item view also gives the cross-encoder the
 item's training captions as its text segment (what CLIP-DSI and the caption prototypes index
-too); "image" is pixels only.
+too), in training without the query's own caption (`leave_one_out`); "image" is pixels only.
 
 The corpus, splits, towers and training budgets are those of `tools/flickr_dinov2.py`
 (`experiments.flickr.dinov2_config`); every metric is over all 1,000 test captions.
@@ -75,6 +75,13 @@ def pooled_tokens(tokens: np.ndarray, grid: int) -> np.ndarray:
   f = g // grid
   patches = tokens[:, 1:].reshape(n, grid, f, grid, f, d).mean(axis=(2, 4))
   return np.concatenate([tokens[:, :1], patches.reshape(n, grid * grid, d)], axis=1)
+
+
+def leave_one_out(pairs, captions_of: dict[str, list[str]]) -> list[str]:
+  """The item text of each training pair (caption, key): the item's training captions except
+  the pair's own caption. With it, a positive pair would hold its query verbatim, a string
+  match the cross-encoder learns in a few steps and cannot use on test captions."""
+  return [" ; ".join(c for c in captions_of[key] if c != query) for query, key in pairs]
 
 
 def run(
@@ -185,11 +192,20 @@ def run(
       max_length=config.max_length,
       show_progress=show_progress,
     )
+    train_inputs = scorer.pair_inputs
+    if view == "image+captions":
+
+      def train_inputs(pairs, scorer=scorer):
+        features = np.stack([scorer.item_features[key] for _, key in pairs])
+        texts = leave_one_out(pairs, captions_of)
+        queries = [q for q, _ in pairs]
+        return rerank.pair_inputs(tokenizer, queries, texts, features, max_length=scorer.max_length)
+
     t = time.time()
     params, history = cross_training.train_cross_encoder(
       model,
       params,
-      scorer.pair_inputs,
+      train_inputs,
       train_caps,
       train_rel,
       negatives,

@@ -69,7 +69,11 @@ def class_queries(index: Index, queries: np.ndarray, labels: np.ndarray, label_o
   }
 
 
-def add_benchmark(args) -> tuple[list[dict], dict]:
+def command(argv) -> str:
+  return "python tools/index_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+
+def add_benchmark(args, argv=None) -> tuple[list[dict], dict]:
   images, labels = fashion_mnist.load_fashion_mnist("train", args.data_dir)
   test_images, test_labels = fashion_mnist.load_fashion_mnist("test", args.data_dir)
   rng = np.random.default_rng(args.seed)
@@ -92,7 +96,8 @@ def add_benchmark(args) -> tuple[list[dict], dict]:
   work = tempfile.mkdtemp(prefix="index-bench-")
   write_pngs(os.path.join(work, "base"), images[base], [f"fm{i:05d}.png" for i in base])
   rows = []
-  common = dict(dataset=f"fashion_mnist_{args.base}", ids="atomic", tower=TOWER, num_queries=len(q))
+  config = {"base": len(base), "fractions": args.fractions, "queries": args.queries}
+  common = dict(dataset=f"fashion_mnist_{len(base)}", ids="atomic", tower=TOWER, num_queries=len(q))
 
   def row(index: Index, setting: str, seconds: float, old: list[str], new: list[str]) -> dict:
     values = class_queries(index, queries, query_labels, label_of)
@@ -140,7 +145,7 @@ def add_benchmark(args) -> tuple[list[dict], dict]:
     )
     print(results.markdown_table(rows), file=sys.stderr)
   shutil.rmtree(work, ignore_errors=True)
-  return rows, {"base": args.base, "fractions": args.fractions, "queries": args.queries}
+  return rows, config
 
 
 def build_benchmark(args) -> tuple[list[dict], dict]:
@@ -193,7 +198,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   sub = p.add_subparsers(dest="what", required=True)
   a = sub.add_parser("add")
-  a.add_argument("--base", type=int, default=512)
+  a.add_argument("--base", type=int, default=512, help="items (a multiple of 10: balanced)")
   a.add_argument(
     "--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.25, 0.5]
   )

@@ -248,7 +248,7 @@ class Index:
     """The image of `key` as the model saw it (uint8 RGB), for image indexes."""
     if self.pixels is None:
       return None
-    return self.pixels[self.items["keys"].index(key)]
+    return self.pixels[self._rows[key]]
 
   # -- changes -------------------------------------------------------------------------------
   @staticmethod

@@ -340,7 +340,7 @@ def train_added(
   params = old.run.params  # the ids' vocabulary is the same, except for atomic ids
   if docids.scheme == "atomic":
     params = grown_params(
-      old.run.model, model, spec, old.run.params, data.train_inputs, views.train_rel, n_old
+      old.run.model, model, old.run.params, data.train_inputs, views.train_rel, n_old
     )
   tconf = train_config(steps, config, index=False)
   result = train_lib.train_dsi(
@@ -395,21 +395,18 @@ def decoder_states(model, params, inputs: np.ndarray, batch_size: int = 64) -> n
   )
 
 
-def grown_params(
-  old_model, model, spec: runs.ModelSpec, old_params, views, rel: list[int], n_old: int
-):
+def grown_params(old_model, model, old_params, views, rel: list[int], n_old: int):
   """The old parameters with the output layer and the id embeddings grown to the new ids.
 
   `views` are training inputs (network inputs) and `rel` the item row of each; every new item
   (rows from `n_old` on) needs at least one. A new item's output row starts
   along the mean (unit) decoder state of its views, at the old rows' median norm, with the
   old biases' median: the old model already ranks it among its nearest items."""
-  template = runs.param_template(spec, model)
   params = jax.tree_util.tree_map(np.asarray, old_params)
   dec = dict(params["decoder"])
   kernel, bias = dec["logits"]["kernel"], dec["logits"]["bias"]
   embed = dec["token_embedder"]["embedding"]
-  vocab = template["decoder"]["logits"]["kernel"].shape[1]
+  vocab = model.docids.vocab_size
   n_new = vocab - kernel.shape[1]
   rel = np.asarray(rel)
   mine = rel >= n_old

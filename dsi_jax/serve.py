@@ -40,7 +40,7 @@ class Searcher:
   def __init__(self, index: Index):
     self.index = index
     self.lock = threading.Lock()
-    self.rows = {key: i for i, key in enumerate(index.items["keys"])}
+    self.live = set(index.keys)
 
   def query(self, body: dict) -> list[dict]:
     k = body.get("k", 12)
@@ -80,10 +80,10 @@ class Searcher:
 
   def item_query(self, key: Any, k: int) -> list[dict]:
     """An indexed item as the query: its image as the model saw it, or its text."""
-    if not isinstance(key, str) or key not in self.rows or key not in set(self.index.keys):
+    if not isinstance(key, str) or key not in self.live:
       raise BadRequest(f"no item {key!r} in the index")
     if self.index.kind == "texts":
-      return self.index.search(texts=[self.index.items["texts"][self.rows[key]]], k=k)[0]
+      return self.index.search(texts=[self.index.items["texts"][self.index._rows[key]]], k=k)[0]
     from dsi_jax.data import inputs
 
     pixels = inputs.image_inputs(self.index.thumbnail(key)[None])
@@ -92,7 +92,7 @@ class Searcher:
   def thumbnail_png(self, key: str) -> bytes:
     import cv2
 
-    if key not in self.rows or self.index.pixels is None:
+    if key not in self.index._rows or self.index.pixels is None:
       raise BadRequest(f"no image {key!r} in the index")
     ok, png = cv2.imencode(".png", cv2.cvtColor(self.index.thumbnail(key), cv2.COLOR_RGB2BGR))
     return png.tobytes()

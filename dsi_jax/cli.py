@@ -67,11 +67,39 @@ def _gin_entry_point():
   return gin.external_configurable(main, module="dsi_jax")
 
 
+def _start_processes(args) -> int | None:
+  """Joins or starts a job of several processes before JAX is used: None to go on training
+  in this process, else the exit status of the processes this one launched."""
+  from dsi_jax import launch, partitioning
+
+  if args.local_devices is not None and args.local_devices < 1:
+    raise ValueError(f"--local_devices must be >= 1, got {args.local_devices}")
+  if args.process_id is not None:  # one line per host, as on a pod
+    if args.coordinator is None or args.num_processes < 2:
+      raise ValueError("--process_id needs --coordinator HOST:PORT and --num_processes >= 2")
+    partitioning.initialize_distributed(
+      args.coordinator, args.num_processes, args.process_id, local_devices=args.local_devices
+    )
+  elif launch.initialize_from_env():  # a process that `launch` started
+    pass
+  elif args.num_processes > 1:  # this machine: start the processes and wait for them
+    command = [sys.executable, "-m", "dsi_jax.cli", *args.argv]
+    return launch.launch(command, args.num_processes, local_devices=args.local_devices)
+  elif args.local_devices is not None:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.local_devices)
+  return None
+
+
 def _train(args) -> int:
   import gin
 
   from dsi_jax import errors
 
+  status = _start_processes(args)
+  if status is not None:
+    return status
   run = _gin_entry_point()
   gin.clear_config()
   root = _project_root()
@@ -196,6 +224,18 @@ def main(argv: list[str] | None = None) -> int:
   p = sub.add_parser("train", help="one experiment from gin files (gin_configs/experiments/*.gin)")
   p.add_argument("--gin_file", action="append", default=[], required=True)
   p.add_argument("--gin_bindings", "--gin.binding", action="append", default=[])
+  p.add_argument(
+    "--num_processes",
+    type=int,
+    default=1,
+    help="run as this many processes (alone: all on this machine, joined through localhost; "
+    "with --process_id: the job's size, one command per host)",
+  )
+  p.add_argument(
+    "--local_devices", type=int, default=None, help="CPU devices per process (CPU only)"
+  )
+  p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (with --process_id)")
+  p.add_argument("--process_id", type=int, default=None, help="this process's id in the job")
   p.set_defaults(fn=_train)
 
   p = sub.add_parser(
@@ -262,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
   p.set_defaults(fn=_table)
 
   args = parser.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   _quiet_logs()
   from dsi_jax import errors
 

@@ -20,6 +20,7 @@ parallelism over every device; one device is the mesh (1, 1, 1).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -221,10 +222,89 @@ def initialize_distributed(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
   process_id: int | None = None,
+  *,
+  local_devices: int | None = None,
 ) -> None:
   """Multi-host start-up: `jax.distributed.initialize` (arguments auto-detected on TPU pods,
-  SLURM and Open MPI; pass them elsewhere). Call before anything else touches JAX devices."""
+  SLURM and Open MPI; pass them elsewhere). Call before anything else touches JAX devices.
+
+  On CPU, processes talk through gloo collectives, and `local_devices` sets how many CPU
+  devices each process has (`dsi-jax train --num_processes N --local_devices D` on one
+  machine); on TPU and GPU both are the platform's own.
+  """
+  if local_devices is not None:
+    jax.config.update("jax_num_cpu_devices", local_devices)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
     coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
   )
   log.info("process %d of %d", jax.process_index(), jax.process_count())
+
+
+# -- several processes ------------------------------------------------------------------------
+# Every process runs the same program on its own rows; what it computes on the host (rankings,
+# metrics, early stopping) comes out identical everywhere, and one process writes the files.
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's small files (spec, history, results): process 0."""
+  return jax.process_index() == 0
+
+
+_barriers = itertools.count()
+BARRIER_TIMEOUT_S = 3600  # a wait may hold while another process builds a data set
+
+
+def sync(name: str) -> None:
+  """Every process waits here until all have arrived (nothing on a single process).
+
+  A barrier of the coordination service, not a device collective: it may wait for minutes
+  (collectives give up after about 30 s), and a process that dies ends it (heartbeats).
+  """
+  if jax.process_count() > 1:
+    from jax._src import distributed  # the one client `jax.distributed.initialize` made
+
+    barrier = f"dsi_jax:{name}:{next(_barriers)}"  # every process passes the same barriers
+    distributed.global_state.client.wait_at_barrier(barrier, BARRIER_TIMEOUT_S * 1000)
+
+
+@contextlib.contextmanager
+def writer_first(name: str) -> Iterator[None]:
+  """Process 0 runs the block first (e.g. building a corpus cache in a shared folder); the
+  others wait for it, then run it too (finding the cache)."""
+  if jax.process_index() != 0:
+    sync(name)
+  yield
+  if jax.process_index() == 0:
+    sync(name)
+
+
+def to_host(x: Any) -> np.ndarray:
+  """The whole value of an array as numpy on every process, whichever process's devices hold
+  its shards (a gather across processes where it spans several)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def array_mesh(tree: Any) -> Mesh | None:
+  """The mesh the arrays of `tree` (e.g. params) are laid out on, if they have one."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def shared_rows(rows: np.ndarray, mesh: Mesh | None) -> Any:
+  """A batch every process holds whole, as one global array whose rows each process's
+  devices compute (`rows` itself where a single process runs, or where the batch does not
+  split over the mesh's data x fsdp: then every process computes all of it)."""
+  if jax.process_count() == 1 or mesh is None or len(rows) % batch_shards(mesh):
+    return rows
+  rows = np.asarray(rows)
+  return global_batch({"x": rows[host_rows(len(rows), mesh)]}, mesh)["x"]

@@ -222,6 +222,10 @@ def write_report(
   )
   write_json(report, os.path.join(out_dir, "results.json"))
   table = markdown_table(report["rows"])
+  from dsi_jax import partitioning
+
+  if not partitioning.is_writer():  # process 0 writes and prints the report
+    return report
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(table + "\n")
   if not quiet:
@@ -250,7 +254,12 @@ def versions() -> dict[str, str]:
 
 
 def write_json(obj: Any, path: str) -> None:
-  """Writes JSON atomically (temp file in the same folder, then rename)."""
+  """Writes JSON atomically (temp file in the same folder, then rename); on a run of several
+  processes, process 0 alone writes."""
+  from dsi_jax import partitioning
+
+  if not partitioning.is_writer():
+    return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")

@@ -11,8 +11,9 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import jax.numpy as jnp
 import numpy as np
+
+from dsi_jax import partitioning
 
 
 class Retriever(Protocol):
@@ -84,6 +85,7 @@ class DSIRetriever:
     """Ranked item rows `[num, k]` (-1 where fewer ids exist) and log-likelihoods."""
     items, scores = [], []
     n = len(inputs)
+    mesh = partitioning.array_mesh(self.params)
     for start in range(0, n, self.batch_size):
       chunk = np.asarray(inputs[start : start + self.batch_size])
       pad = self.batch_size - len(chunk)  # fixed shapes: one compilation
@@ -91,9 +93,9 @@ class DSIRetriever:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
       if self.encode_inputs is not None:
         chunk = self.encode_inputs(chunk)
-      it, sc = self.model.rank(
-        self.params, jnp.asarray(chunk), k, method=self.method, num_beams=self.num_beams
-      )
+      # On several processes, each computes its share of the batch's rows; all get the ranking.
+      chunk = partitioning.shared_rows(np.asarray(chunk), mesh)
+      it, sc = self.model.rank(self.params, chunk, k, method=self.method, num_beams=self.num_beams)
       items.append(it[: self.batch_size - pad])
       scores.append(sc[: self.batch_size - pad])
     if not items:

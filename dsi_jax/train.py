@@ -236,7 +236,7 @@ def run_phase(
     initial=progress.phase_step,
     desc=phase,
     leave=False,
-    disable=not show_progress or progress.done,
+    disable=not show_progress or progress.done or not partitioning.is_writer(),
     dynamic_ncols=True,
   )
   losses: list[jax.Array] = []  # step losses since the last fold into `progress`
@@ -380,13 +380,16 @@ def train_dsi(
     if resuming:
       log.info("Resuming the run in %s", workdir)
     run_id = checkpoints_lib.file_sha256(os.path.join(workdir, "run.json"))
-    model.docids.save(os.path.join(workdir, "docids.json"))
+    if partitioning.is_writer():
+      model.docids.save(os.path.join(workdir, "docids.json"))
     if spec is not None:
       from dsi_jax import runs
 
       runs.save_spec(workdir, spec)
     logdir = os.path.join(workdir, "tensorboard")
-    writer = metric_writers.create_default_writer(logdir, asynchronous=False)
+    writer = metric_writers.create_default_writer(
+      logdir, just_logging=not partitioning.is_writer(), asynchronous=False
+    )
     if resuming:  # steps redone since the last checkpoint were logged before the restart
       writer = workdir_lib.LogAfter(writer, workdir_lib.last_logged_step(logdir))
     for name in ("zero_shot", "fine_tuned"):

@@ -84,12 +84,14 @@ def prepare(workdir: str, fingerprint: dict) -> bool:
   if os.path.exists(path):
     with open(path) as f:
       same = json.load(f) == json.loads(json.dumps(fingerprint))
-  if not same:
+  partitioning.sync("workdir read")  # every process has decided before process 0 writes
+  if not same and partitioning.is_writer():
     for stale in ("checkpoints", "tensorboard"):
       if os.path.isdir(os.path.join(workdir, stale)):
         log.info("Replacing %s from a different earlier run in %s", stale, workdir)
         shutil.rmtree(os.path.join(workdir, stale))
     results_lib.write_json(fingerprint, path)
+  partitioning.sync("workdir prepared")
   return same
 
 

@@ -1,8 +1,10 @@
 """A tiny ViT-DSI training run in its own process, for tests/test_scaling.py.
 
     python tests/mesh_child.py --devices 8 --mesh 2,2,2 --workdir W --out OUT.npz [...]
+    python tests/mesh_child.py --processes 2 --devices 4 --mesh 8,1,1 ...
 
-`--devices N` simulates N CPU devices (XLA_FLAGS is set before JAX is imported). Writes to
+`--devices N` simulates N CPU devices (XLA_FLAGS is set before JAX is imported), in each of
+`--processes` processes (started by `dsi_jax.launch`, joined through localhost). Writes to
 `--out` the final params (flattened by path), the training loss history, test predictions and
 the partition spec of every train-state array.
 """
@@ -23,19 +25,30 @@ def main() -> None:
   p.add_argument("--finetune_steps", type=int, default=0)
   p.add_argument("--checkpoint_every", type=int, default=0)
   p.add_argument("--restore", default=None, help="predict from this phase checkpoint folder")
+  p.add_argument("--processes", type=int, default=1, help="processes of --devices devices each")
+  p.add_argument("--pid_dir", default=None, help="each process writes its pid to PID_DIR/<id>")
   args = p.parse_args()
-  if args.devices > 1:
+  from dsi_jax import launch
+
+  if args.pid_dir and launch.ENV_PROCESS_ID in os.environ:
+    with open(os.path.join(args.pid_dir, os.environ[launch.ENV_PROCESS_ID]), "w") as f:
+      f.write(str(os.getpid()))
+
+  if args.processes > 1 and launch.ENV_PROCESS_ID not in os.environ:
+    sys.exit(launch.launch([sys.executable, *sys.argv], args.processes, local_devices=args.devices))
+  if not launch.initialize_from_env() and args.devices > 1:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
   import jax
   import numpy as np
 
-  from dsi_jax import batches, partitioning
+  from dsi_jax import batches, partitioning, retrieval
   from dsi_jax import docids as docids_lib
   from dsi_jax import train as train_lib
   from dsi_jax.models import dsi
 
-  assert len(jax.devices()) == args.devices, jax.devices()
+  assert len(jax.local_devices()) == args.devices, jax.local_devices()
+  assert jax.process_count() == args.processes
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, size=(32 + 24, 8, 8, 3)).astype(np.float32)
   rel = [np.array([i % 32, (i + 5) % 32]) for i in range(8)]
@@ -56,10 +69,14 @@ def main() -> None:
   data_, fsdp, model_ = (int(x) for x in args.mesh.split(","))
   mesh = partitioning.make_mesh(data_, fsdp, model_, devices=jax.devices()[: data_ * fsdp * model_])
 
+  def ranked(params):  # through the harness's retriever: each process ranks its share
+    retriever = retrieval.DSIRetriever(model, params, method="beam", batch_size=8)
+    return retriever.rank(data.test_inputs, 8)
+
   if args.restore:  # predictions of a saved checkpoint, restored onto this process's mesh
     template = model.init(jax.random.PRNGKey(1), data.index_inputs.shape)
     params = train_lib.restore_params(args.restore, template)
-    items, scores = model.rank(params, data.test_inputs, 8, method="beam")
+    items, scores = ranked(params)
     np.savez(args.out, items=items, scores=scores)
     return
 
@@ -101,10 +118,12 @@ def main() -> None:
   )
   final = res["fine_tuned_params"] if args.finetune_steps else res["zero_shot_params"]
   flat = {
-    partitioning.path_string(p): np.asarray(x)
+    partitioning.path_string(p): partitioning.to_host(x)
     for p, x in jax.tree_util.tree_flatten_with_path(final)[0]
   }
-  items, scores = model.rank(final, data.test_inputs, 8, method="beam")
+  items, scores = ranked(final)
+  if not partitioning.is_writer():
+    return
   specs = {
     partitioning.path_string(p): [str(x.sharding.spec), list(x.addressable_shards[0].data.shape)]
     for p, x in jax.tree_util.tree_flatten_with_path(final)[0]

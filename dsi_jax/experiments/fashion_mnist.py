@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dsi_jax import errors, evaluation, results, runs
+from dsi_jax import errors, evaluation, partitioning, results, runs
 from dsi_jax import train as train_lib
 from dsi_jax.models import dsi
 
@@ -135,9 +135,10 @@ def run_cell(
   it (and the baselines, if asked) on the test queries: `(rows, history per phase)`."""
   from dsi_jax import tasks
 
-  name = _register(config, workdir, task_prefix)
-  data, docids = tasks.retrieval_data(name)
-  corpus = tasks.corpus_data(name).corpus
+  with partitioning.writer_first("corpus"):  # process 0 samples and caches it, then the rest
+    name = _register(config, workdir, task_prefix)
+    data, docids = tasks.retrieval_data(name)
+    corpus = tasks.corpus_data(name).corpus
   common = dict(
     dataset=DATASET,
     db_size=len(corpus.item_keys),
@@ -251,8 +252,6 @@ def run_experiment(
     slice or a multi-node GPU job; its arguments are auto-detected there).
   """
   if distributed:
-    from dsi_jax import partitioning
-
     partitioning.initialize_distributed()
   errors.writable_folder(workdir, "workdir")
   rows, _ = run_cell(config, workdir, show_progress=show_progress)

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dsi_jax import errors, evaluation, results, retrieval, runs
+from dsi_jax import errors, evaluation, partitioning, results, retrieval, runs
 from dsi_jax import train as train_lib
 
 METRICS = ("recall@1", "recall@5", "recall@10")
@@ -126,22 +126,24 @@ def _prepare(config: FlickrConfig, workdir: str):
   from dsi_jax.tasks import datasets as task_datasets
 
   name = f"dsi_jax_experiment_{config.corpus}{config.num_items}_{config.ids}_seed{config.seed}"
-  task_datasets.register(
-    config.corpus,
-    num_items=config.num_items,
-    scheme=config.ids,
-    seed=config.seed,
-    name=name,
-    corpus_dir=os.path.join(workdir, "corpus"),
-    location=config.location,
-  )
-  data, docids = tasks.retrieval_data(name, text_length=config.text_length)
+  with partitioning.writer_first("corpus"):  # process 0 samples and caches it, then the rest
+    task_datasets.register(
+      config.corpus,
+      num_items=config.num_items,
+      scheme=config.ids,
+      seed=config.seed,
+      name=name,
+      corpus_dir=os.path.join(workdir, "corpus"),
+      location=config.location,
+    )
+    data, docids = tasks.retrieval_data(name, text_length=config.text_length)
+    corpus = tasks.corpus_data(name).corpus
   if config.max_eval_queries is not None:
     for split in ("val", "test"):
       n = config.max_eval_queries
       setattr(data, f"{split}_inputs", getattr(data, f"{split}_inputs")[:n])
       setattr(data, f"{split}_relevant", getattr(data, f"{split}_relevant")[:n])
-  return tasks.corpus_data(name).corpus, data, docids
+  return corpus, data, docids
 
 
 def source_dir(config: FlickrConfig) -> str:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsi_jax import decoding
+from dsi_jax import decoding, partitioning
 from dsi_jax import docids as docids_lib
 from dsi_jax import trie as trie_lib
 from dsi_jax.losses import infonce_loss, l2_normalize, shift_right, token_log_likelihood
@@ -335,14 +335,16 @@ class DSIModel:
     if method == "auto":
       method = "exact" if len(self.docids) <= self.exact_max_ids else "beam"
     if method == "exact":
-      scores = np.asarray(self.score_all(params, inputs))
+      scores = partitioning.to_host(self.score_all(params, inputs))
       scores = np.where(self.live[None, :], scores, -np.inf)
       order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
       top = np.take_along_axis(scores, order, 1)
       items = np.where(np.isneginf(top), -1, order)
     elif method == "beam":
       beams = max(k, num_beams or k)
-      result = jax.device_get(self.predict_batch(params, inputs, num_beams=beams))
+      result = jax.tree_util.tree_map(
+        partitioning.to_host, self.predict_batch(params, inputs, num_beams=beams)
+      )
       items, top = (
         result.items[:, :k],
         np.where(result.items[:, :k] >= 0, result.scores[:, :k], -np.inf),

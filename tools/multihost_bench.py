@@ -47,7 +47,8 @@ def main() -> None:
     seconds = round(time.time() - t0, 1)
     for row in results.load(os.path.join(workdir, "results.json"))["rows"]:
       if row["model"] == "vit_dsi":
-        rows.append({**row, "layout": layout, "wall_seconds": seconds})
+        setting = f"{row['setting']}, {layout}"
+        rows.append({**row, "setting": setting, "layout": layout, "wall_seconds": seconds})
         metrics[(layout, row["setting"])] = {
           k: v for k, v in row.items() if results.is_metric(k) and isinstance(v, float)
         }

@@ -24,10 +24,18 @@ METRICS = ("map@10", "hits@1", "hits@10", "mrr@10")
 EVAL_ITEMS = 100  # items whose held-out views validate (and test) a training run
 
 
-def default_steps(num_items: int) -> int:
-  """Steps of a training phase for a collection of this size: enough for every item to be
-  seen about 30 times in batches of 32, between 200 and 3,000."""
-  return int(np.clip(num_items, 200, 3000))
+MIN_STEPS = 200
+MAX_STEPS = {"cpu": 3000}  # a CPU build stays within about half an hour on 2 cores
+ACCELERATOR_MAX_STEPS = 50_000  # GPU / TPU: about 30 views of each of 50,000 items
+
+
+def default_steps(num_items: int, backend: str | None = None) -> int:
+  """Steps of a training phase for a collection of this size on this machine: enough for
+  every item to be seen about 30 times in batches of 32 (one step per item), at least 200, at
+  most 3,000 on a CPU (`backend`, default `jax.default_backend()`) and 50,000 on an
+  accelerator."""
+  backend = backend or jax.default_backend()
+  return int(np.clip(num_items, MIN_STEPS, MAX_STEPS.get(backend, ACCELERATOR_MAX_STEPS)))
 
 
 # ----------------------------------------------------------------------------- items

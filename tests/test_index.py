@@ -51,6 +51,17 @@ def augmented_copy(src, dst, seed):
 # ----------------------------------------------------------------------------- sources
 
 
+def test_default_steps_scale_with_the_collection_and_the_machine():
+  from dsi_jax.index_training import default_steps
+
+  assert default_steps(50, "cpu") == 200  # a few items still train
+  assert default_steps(1000, "cpu") == default_steps(1000, "gpu") == 1000  # one step per item
+  assert default_steps(20_000, "cpu") == 3000  # a CPU build stays bounded
+  assert default_steps(20_000, "gpu") == default_steps(20_000, "tpu") == 20_000
+  assert default_steps(10**6, "tpu") == 50_000
+  assert default_steps(1000) == 1000  # this machine's backend
+
+
 def test_image_folder_skips_unreadable_files_and_reads_captions(tmp_path, caplog):
   keys = write_images(tmp_path / "photos", 3, seed=0)
   (tmp_path / "photos" / "notes.txt").write_text("not an image")

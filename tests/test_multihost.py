@@ -16,7 +16,15 @@ import time
 
 import numpy as np
 import pytest
-from test_scaling import CHILD, ROOT, _finalized_steps, child, load, params
+from test_scaling import (
+  CHILD,
+  ROOT,
+  _finalized_steps,
+  check_restores_in_one_process,
+  child,
+  load,
+  params,
+)
 
 from dsi_jax.data import fashion_mnist
 
@@ -65,12 +73,7 @@ def test_four_processes_train_and_rank_as_one(host_runs, tmp_path):
 
 
 def test_checkpoint_from_two_processes_restores_in_one(host_runs, tmp_path):
-  run = host_runs["2x4"]
-  out = tmp_path / "restored.npz"
-  child("--restore", run["workdir"] / "checkpoints" / "zero_shot", "--out", out)
-  restored = load(out)
-  np.testing.assert_array_equal(restored["items"], run["items"])
-  np.testing.assert_allclose(restored["scores"], run["scores"], rtol=1e-5, atol=1e-5)
+  check_restores_in_one_process(host_runs["2x4"], tmp_path)
 
 
 @pytest.mark.slow

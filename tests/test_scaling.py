@@ -140,13 +140,17 @@ def test_parameters_are_sharded_as_the_rules_say(mesh_runs):
     assert shard == list(mesh_runs["8,1,1"][f"param:{path}"].shape), (path, spec)
 
 
-def test_checkpoint_from_8_devices_restores_on_one_device(mesh_runs, tmp_path):
-  run = mesh_runs["2,2,2"]
+def check_restores_in_one_process(run, tmp_path):
+  """The run's indexing checkpoint, restored in a 1-device process, ranks as the run did."""
   out = tmp_path / "restored.npz"
   child("--restore", run["workdir"] / "checkpoints" / "zero_shot", "--out", out)
   restored = load(out)
   np.testing.assert_array_equal(restored["items"], run["items"])
   np.testing.assert_allclose(restored["scores"], run["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_from_8_devices_restores_on_one_device(mesh_runs, tmp_path):
+  check_restores_in_one_process(mesh_runs["2,2,2"], tmp_path)
 
 
 def _finalized_steps(folder):

@@ -1,4 +1,5 @@
-"""A tiny ViT-DSI training run in its own process, for tests/test_scaling.py.
+"""A tiny ViT-DSI (or, with `--kind clip`, CLIP-DSI) training run in its own process, for
+tests/test_scaling.py and tests/test_multihost.py.
 
     python tests/mesh_child.py --devices 8 --mesh 2,2,2 --workdir W --out OUT.npz [...]
     python tests/mesh_child.py --processes 2 --devices 4 --mesh 8,1,1 ...
@@ -27,6 +28,9 @@ def main() -> None:
   p.add_argument("--restore", default=None, help="predict from this phase checkpoint folder")
   p.add_argument("--processes", type=int, default=1, help="processes of --devices devices each")
   p.add_argument("--pid_dir", default=None, help="each process writes its pid to PID_DIR/<id>")
+  p.add_argument(
+    "--kind", default="vit", choices=("vit", "clip"), help="clip: captions and images mixed"
+  )
   args = p.parse_args()
   from dsi_jax import launch
 
@@ -49,23 +53,31 @@ def main() -> None:
 
   assert len(jax.local_devices()) == args.devices, jax.local_devices()
   assert jax.process_count() == args.processes
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, size=(32 + 24, 8, 8, 3)).astype(np.float32)
-  rel = [np.array([i % 32, (i + 5) % 32]) for i in range(8)]
-  data = batches.RetrievalData(
-    index_inputs=images[:32],
-    train_inputs=images[32:40],
-    train_relevant=rel,
-    val_inputs=images[40:48],
-    val_relevant=rel,
-    test_inputs=images[48:],
-    test_relevant=rel,
-  )
-  ids = docids_lib.random_ids([f"img{i}" for i in range(32)], num_codes=4, seed=0)  # vocab 6
-  network = dsi.make_vit_dsi(
-    ids, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2, dropout=0.1, decoder_depth=1
-  )
-  model = dsi.DSIModel(network, ids)
+  if args.kind == "clip":  # 16 images; caption token rows; batches of both kinds, paired
+    from test_clip_dsi import caption_data, tiny_clip_dsi
+
+    data = caption_data(n=16)
+    ids = docids_lib.random_ids([f"img{i}" for i in range(16)], num_codes=4, seed=0)
+    model = tiny_clip_dsi(ids)
+    model.contrastive_weight = 0.1
+  else:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, size=(32 + 24, 8, 8, 3)).astype(np.float32)
+    rel = [np.array([i % 32, (i + 5) % 32]) for i in range(8)]
+    data = batches.RetrievalData(
+      index_inputs=images[:32],
+      train_inputs=images[32:40],
+      train_relevant=rel,
+      val_inputs=images[40:48],
+      val_relevant=rel,
+      test_inputs=images[48:],
+      test_relevant=rel,
+    )
+    ids = docids_lib.random_ids([f"img{i}" for i in range(32)], num_codes=4, seed=0)  # vocab 6
+    network = dsi.make_vit_dsi(
+      ids, patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=2, dropout=0.1, decoder_depth=1
+    )
+    model = dsi.DSIModel(network, ids)
   data_, fsdp, model_ = (int(x) for x in args.mesh.split(","))
   mesh = partitioning.make_mesh(data_, fsdp, model_, devices=jax.devices()[: data_ * fsdp * model_])
 
@@ -74,7 +86,7 @@ def main() -> None:
     return retriever.rank(data.test_inputs, 8)
 
   if args.restore:  # predictions of a saved checkpoint, restored onto this process's mesh
-    template = model.init(jax.random.PRNGKey(1), data.index_inputs.shape)
+    template = model.init(jax.random.PRNGKey(1), batches.example_inputs(data))
     params = train_lib.restore_params(args.restore, template)
     items, scores = ranked(params)
     np.savez(args.out, items=items, scores=scores)

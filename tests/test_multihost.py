@@ -2,7 +2,8 @@
 `dsi_jax.launch` with its own simulated CPU devices, and they join through localhost (gloo
 collectives). The same 12 steps on the same mesh shape (8, 1, 1) as 1 process of 8 devices,
 2 of 4 and 4 of 2 give the same losses and the same ranked test ids (each process ranks its
-share of the queries); checkpoints cross process counts; a process killed with SIGKILL takes
+share of the queries), for CLIP-DSI's mixed caption/image batches too; checkpoints cross
+process counts; a process killed with SIGKILL takes
 the job down, and the same command resumes it to the uninterrupted job's parameters.
 """
 
@@ -74,6 +75,26 @@ def test_four_processes_train_and_rank_as_one(host_runs, tmp_path):
 
 def test_checkpoint_from_two_processes_restores_in_one(host_runs, tmp_path):
   check_restores_in_one_process(host_runs["2x4"], tmp_path)
+
+
+def test_clip_dsi_mixed_batches_as_two_processes_as_one(tmp_path):
+  # Caption and image rows are split over the processes each on its own, and the contrastive
+  # loss pairs query i with item i of the global batch: 2 x 1 must be 1 x 2, step for step.
+  runs = {}
+  for processes, devices in ((1, 2), (2, 1)):
+    name = f"{processes}x{devices}"
+    child(
+      *("--kind", "clip", "--processes", processes, "--devices", devices, "--mesh", "2,1,1"),
+      *("--steps", 6, "--finetune_steps", 6, "--checkpoint_every", 6),
+      *("--workdir", tmp_path / name, "--out", tmp_path / f"{name}.npz"),
+    )
+    runs[name] = load(tmp_path / f"{name}.npz")
+  ref, run = runs["1x2"], runs["2x1"]
+  assert len(ref["losses"]) == 12 and np.isfinite(ref["losses"]).all()
+  np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-4)
+  assert ref["items"].shape == (16, 8)  # every test caption ranked
+  np.testing.assert_array_equal(run["items"], ref["items"])
+  np.testing.assert_allclose(run["scores"], ref["scores"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from dsi_jax.data import inputs as inputs_lib
 
 SPEC_FILE = "model.json"
 SPEC_FORMAT = 1
-FACTORIES = ("vit_dsi", "minilm_dsi", "clip_dsi", "t5_dsi", "dinov2_dsi")
+FACTORIES = ("vit_dsi", "minilm_dsi", "clip_dsi", "t5_dsi", "dinov2_dsi", "dinov2_clip_dsi")
 QUERY_KINDS = ("image", "text")
 PHASES = ("fine_tuned", "zero_shot")  # the phase a search uses: the last one trained
 
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 class ModelSpec:
   """What a run folder needs to rebuild its model and prepare its queries.
 
-  factory: "vit_dsi" | "minilm_dsi" | "clip_dsi" | "t5_dsi" | "dinov2_dsi" (a frozen DINOv2).
+  factory: "vit_dsi" | "minilm_dsi" | "clip_dsi" | "t5_dsi" | "dinov2_dsi" (a frozen DINOv2)
+    | "dinov2_clip_dsi" (CLIP-DSI: MiniLM and a frozen DINOv2).
   kwargs: the factory's arguments (JSON values): network sizes, `frozen` for MiniLM-DSI.
   queries: the kinds of query the model reads ("image", "text").
   image_size: images are centre-cropped square and resized to this side (`preprocess_image`).
@@ -131,6 +132,15 @@ def build_model(spec: ModelSpec, docids: docids_lib.DocidMap, *, minilm_path: st
     tower, _, tokenizer = text.load_minilm(minilm_path)
     network = multimodal.make_vit_clip_dsi(docids, text_tower=tower, **spec.kwargs)
     return dsi.DSIModel(network, docids), tokenizer
+  if spec.factory == "dinov2_clip_dsi":
+    from dsi_jax.models import text
+
+    tower, _, tokenizer = text.load_minilm(minilm_path)
+    pad_id = tower.config.pad_token_id
+    model = borrowed.make_dinov2_clip_dsi(
+      docids, text_tower=tower, text_pad_id=pad_id, **spec.kwargs
+    )
+    return model, tokenizer
   network = dsi.make_t5_dsi(docids, **spec.kwargs)
   return dsi.DSIModel(network, docids), None
 
@@ -141,6 +151,8 @@ def example_inputs(spec: ModelSpec, model) -> Any:
   tokens = np.zeros((1, spec.text_length or 1), np.int32)
   if spec.factory == "clip_dsi":
     return (tokens, image)
+  if spec.factory == "dinov2_clip_dsi":  # the frozen tower's token map for one image
+    return (tokens, model.input_encoder(image, batch_size=1))
   if spec.factory == "minilm_dsi" and spec.kwargs.get("frozen"):
     width = model.network.decoder.width
     return np.zeros((1, spec.text_length, width), np.float32)

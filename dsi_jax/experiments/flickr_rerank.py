@@ -92,9 +92,7 @@ def run(
 ) -> list[dict[str, Any]]:
   """Trains the first stages and the cross-encoders, evaluates every pipeline; result rows."""
   from dsi_jax.data import inputs as inputs_lib
-  from dsi_jax.importers import dinov2
   from dsi_jax.models import borrowed, cross_encoder, text
-  from dsi_jax.models.dinov2 import DINOv2
 
   for view in config.item_views:
     if view not in ITEM_VIEWS:
@@ -123,15 +121,8 @@ def run(
   test_rel = [{keys[i] for i in r} for r in data.test_relevant]
   common = dict(dataset="flickr8k_1000", db_size=len(keys), num_queries=len(test_caps))
 
-  tower = dinov2.load_onnx(output_block=8)
-  tokens = borrowed.encode_images_frozen(
-    DINOv2(**tower[0]),
-    tower[1],
-    data.index_inputs,
-    size=config.image_size,
-    show_progress=show_progress,
-  )
-  tower_name = f"minilm+dinov2_vits14 (block8 at {config.image_size} px, frozen)"
+  tokens = flickr.dinov2_tokens(data.index_inputs, config.image_size, show_progress)
+  tower_name = flickr.dinov2_tower_name(config.image_size)
   stages: dict[str, Any] = {"caption_prototypes": flickr.CaptionPrototypes(corpus, minilm)}
   rows: list[dict[str, Any]] = []
   clip_rows, clip = flickr.train_clip_dsi(
@@ -142,7 +133,7 @@ def run(
     workdir,
     show_progress,
     common,
-    image_tower=borrowed.FeatureMap(),
+    dinov2_size=config.image_size,
     images=tokens[:, :, None, :],
     with_retriever=True,
   )

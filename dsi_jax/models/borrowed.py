@@ -209,6 +209,58 @@ def make_dinov2_dsi(
   return model
 
 
+def make_dinov2_clip_dsi(
+  docids: docids_lib.DocidMap,
+  *,
+  text_tower: nn.Module,
+  text_pad_id: int = 0,
+  width: int = 256,
+  decoder_depth: int = 2,
+  hf_path: str | None = None,
+  onnx_path: str | None = None,
+  tower_image_size: int = 112,
+  output_block: int | None = 8,
+  dropout: float = 0.1,
+) -> DSIModel:
+  """CLIP-DSI on a trained text tower (MiniLM) and a borrowed, frozen DINOv2: the image side
+  reads the tower's tokens at `output_block`, computed once, as `[n, tokens, 1, d]` maps
+  (`FeatureMap`). `model.input_encoder` turns images (float `[n, h, w, 3]`, resized to
+  `tower_image_size`) into those maps and passes caption token rows (integers) through, so one
+  retriever takes both kinds of query. Wrap the MiniLM weights in yourself for training
+  (`DSIModel(model.network, docids, pretrained={"encoder/text_tower": ...})`)."""
+  from dsi_jax.importers import dinov2 as importer
+  from dsi_jax.models import multimodal
+  from dsi_jax.models.dinov2 import DINOv2
+
+  if hf_path:
+    kwargs, params = importer.load_hf(hf_path, output_block=output_block)
+  else:
+    kwargs, params = importer.load_onnx(onnx_path, output_block=output_block)
+  network = multimodal.make_clip_dsi(
+    docids,
+    image_tower=FeatureMap(),
+    text_tower=text_tower,
+    text_pad_id=text_pad_id,
+    width=width,
+    decoder_depth=decoder_depth,
+    num_heads=4,
+    mlp_dim=4 * width,
+    dropout=dropout,
+  )
+  model = DSIModel(network, docids)
+  tower = DINOv2(**kwargs)
+
+  def input_encoder(inputs, **kw):
+    inputs = np.asarray(inputs)
+    if np.issubdtype(inputs.dtype, np.integer):  # caption token rows: the text tower's
+      return inputs
+    tokens = encode_images_frozen(tower, params, inputs, size=tower_image_size, **kw)
+    return tokens[:, :, None, :]
+
+  model.input_encoder = input_encoder
+  return model
+
+
 class FeatureMap(nn.Module):
   """An image tower over features computed beforehand by a frozen tower: `[B, h, w, d]`
   feature maps -> tokens `[B, h * w, d]` (a pooled DINOv2 feature is a 1 x 1 map), so models

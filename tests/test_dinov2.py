@@ -273,9 +273,7 @@ def test_a_partly_trained_tower_starts_as_the_frozen_one_and_trains_its_last_blo
 
 
 @pytest.mark.skipif("DSI_JAX_FLICKR8K_DIR" not in os.environ, reason="Flickr8k-1k not found")
-def test_flickr_clip_dsi_on_the_borrowed_tower_is_searchable_by_caption_and_image(
-  tmp_path, capsys
-):
+def test_flickr_clip_dsi_on_the_borrowed_tower_is_searchable_by_caption_and_image(tmp_path, capsys):
   """CLIP-DSI on MiniLM + the frozen DINOv2 (`FlickrConfig.dinov2_size`), trained through
   the gin experiment on 24 images: its folder loads (`dinov2_clip_dsi` spec), each indexed
   photo's file finds itself through the loaded tower, and captions search it."""

@@ -190,12 +190,28 @@ def machine() -> str:
   return f"{platform.machine()}, {os.cpu_count()} cores, {device.platform} ({device.device_kind})"
 
 
-def invocation(program: str = "dsi-jax") -> str:
-  """The command line of this process, as `program` and its arguments (for `command`)."""
+def portable_argv(argv: Sequence[str]) -> list[str]:
+  """`argv` with absolute paths (alone or as `--flag=PATH`) cut to their last component: a
+  report names the folders it read and wrote, never a path of the machine it ran on."""
+  import os
+
+  def cut(arg: str) -> str:
+    flag, eq, value = arg.partition("=")
+    if eq and os.path.isabs(value):
+      return f"{flag}={os.path.basename(os.path.normpath(value))}"
+    return os.path.basename(os.path.normpath(arg)) if os.path.isabs(arg) else arg
+
+  return [cut(a) for a in argv]
+
+
+def invocation(program: str = "dsi-jax", argv: Sequence[str] | None = None) -> str:
+  """The command line of this process (or `argv`), as `program` and its arguments (for
+  `command`), with paths cut to their last component (`portable_argv`)."""
   import shlex
   import sys
 
-  return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
+  given = sys.argv[1:] if argv is None else argv
+  return " ".join([program, *(shlex.quote(a) for a in portable_argv(given))])
 
 
 def write_report(

@@ -107,6 +107,14 @@ def test_write_report_is_the_results_contract(tmp_path):
   assert "| bm25 |" in (tmp_path / "results.md").read_text()
 
 
+def test_recorded_commands_name_folders_not_paths_of_this_machine():
+  argv = ["--out", "/data/x/results/", "--gin_bindings=a.workdir='r'", "--images=/home/u/pics"]
+  assert results.invocation("python tools/t.py", argv) == (
+    "python tools/t.py --out results '--gin_bindings=a.workdir='\"'\"'r'\"'\"'' --images=pics"
+  )
+  assert results.portable_argv(["relative/dir", "-k", "5"]) == ["relative/dir", "-k", "5"]
+
+
 def test_metrics_are_computed_in_one_place():
   """`compute_metrics(` is called only by the harness (and t5x's metric function)."""
   proc = subprocess.run(

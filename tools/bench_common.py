@@ -81,12 +81,16 @@ def machine_info() -> dict[str, Any]:
 
 
 def start_report(tool: str, args: argparse.Namespace) -> dict[str, Any]:
-  """The report's common header: tool, exact command line, settings, machine, jax version."""
+  """The report's common header: tool, command line (`portable_argv`), settings, machine, jax
+  version."""
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+  from dsi_jax.results import portable_argv
+
+  argv = portable_argv(list(sys.argv))
   return {
     "tool": tool,
-    "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
-    "argv": list(sys.argv),
+    "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *argv]),
+    "argv": argv,
     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "jax": jax.__version__,
     "machine": machine_info(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import shlex
 import sys
 import time
 
@@ -173,8 +172,7 @@ def main(argv=None) -> None:
     return
   rows = measure(args)
   config = {k: v for k, v in vars(args).items() if k not in ("out", "render", "quick")}
-  given = argv if argv is not None else sys.argv[1:]
-  command = "python tools/bench_tower_knn.py " + " ".join(shlex.quote(a) for a in given)
+  command = results.invocation("python tools/bench_tower_knn.py", argv)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     results.write_report(args.out, rows, config, command=command, quiet=True)

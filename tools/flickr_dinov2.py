@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 import time
 
 import numpy as np
@@ -104,8 +102,7 @@ def main(argv=None) -> None:
 
 def _write(args, rows, config, data) -> None:
   """The report, with folders named by their last component only (no paths of this machine)."""
-  given = [os.path.basename(a) if os.path.isabs(a) else a for a in sys.argv[1:]]
-  command = "python tools/flickr_dinov2.py " + " ".join(shlex.quote(a) for a in given)
+  command = results.invocation("python tools/flickr_dinov2.py")
   description = {**vars(args), "flickr": flickr._describe(config, data)}
   description["workdir"] = os.path.basename(os.path.normpath(args.workdir))
   source = description["flickr"].get("source_dir")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shlex
 import sys
 import time
 
@@ -107,7 +106,7 @@ def main(argv=None) -> None:
   )
   config_out = {**vars(args), "train": dataclasses.asdict(config)}
   config_out["encode_seconds"] = round(encode_seconds, 1)
-  command = "python tools/flickr_image_dsi.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  command = results.invocation("python tools/flickr_image_dsi.py")
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     results.write_report(args.out, rows, config_out, command=command)

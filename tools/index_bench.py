@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -70,7 +69,7 @@ def class_queries(index: Index, queries: np.ndarray, labels: np.ndarray, label_o
 
 
 def command(argv) -> str:
-  return "python tools/index_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+  return results.invocation("python tools/index_bench.py", argv)
 
 
 def add_benchmark(args, argv=None) -> tuple[list[dict], dict]:
@@ -212,11 +211,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None)
   args = p.parse_args(argv)
   rows, config = add_benchmark(args) if args.what == "add" else build_benchmark(args)
-  command = "python tools/index_bench.py " + " ".join(
-    shlex.quote(a) for a in (argv or sys.argv[1:])
-  )
   if args.out:
-    results.write_report(args.out, rows, config, command=command)
+    results.write_report(args.out, rows, config, command=command(argv))
   else:
     print(results.markdown_table(rows))
 

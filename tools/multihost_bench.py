@@ -64,7 +64,7 @@ def main() -> None:
     "layouts": {name: flags for name, flags in LAYOUTS},
     "max_abs_metric_difference": max(diffs),
   }
-  command = " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
+  command = results.invocation("python " + sys.argv[0])
   results.write_report(args.out, rows, config, command=command)
   print(f"largest metric difference between the layouts: {max(diffs):.2e}")
 

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     seconds=round(time.time() - t0, 2),
   )
   os.makedirs(args.out, exist_ok=True)
-  command = " ".join(["python tools/squad_bm25.py", *(argv or sys.argv[1:])])
+  command = results_lib.invocation("python tools/squad_bm25.py", argv)
   results_lib.write_report(args.out, [row], {"split": args.split}, command=command)
   return 0
 

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         workdir,
         rows,
         {"scheme": scheme, "model": args.model, **dataclasses.asdict(run_config)},
-        command=" ".join(["python tools/squad_dsi.py", *(argv or sys.argv[1:])]),
+        command=results.invocation("python tools/squad_dsi.py", argv),
       )
     return 0
   if args.command == "baselines":
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
       os.path.join(args.out, "baselines"),
       rows,
       {"data": os.path.basename(os.path.abspath(args.data))},
-      command=" ".join(["python tools/squad_dsi.py", *(argv or sys.argv[1:])]),
+      command=results.invocation("python tools/squad_dsi.py", argv),
     )
     return 0
   rows = []

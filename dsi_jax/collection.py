@@ -4,7 +4,9 @@
 - a folder of images (every file OpenCV reads: JPEG, PNG, BMP, TIFF, WebP, ..., any size,
   gray, RGB or RGBA, in sub-folders too), keyed by their path relative to the folder, with
   optional captions in `captions.csv` or `captions.txt` (`image,caption` lines; a header line
-  `image,caption` is skipped; several lines per image give several captions);
+  `image,caption` is skipped; several lines per image give several captions; an image is
+  named by its path in the folder or, where no other image has it, by its file name alone, as
+  in Flickr8k's `captions.txt` beside `Images/`);
 - a JSONL file of documents, one `{"id": ..., "text": ..., "queries": [...]}` per line
   (`queries` optional: known questions about the document, used as training queries).
 
@@ -120,6 +122,9 @@ def _read_captions(folder: str, keys: set[str], skipped: set[str]) -> dict[str, 
   if not present:
     return {}
   path = os.path.join(folder, present[0])
+  names: dict[str, list[str]] = {}  # file name -> keys (an image in a sub-folder)
+  for key in [*keys, *skipped]:
+    names.setdefault(os.path.basename(key), []).append(key)
   out: dict[str, list[str]] = {}
   with open(path, newline="", encoding="utf-8") as f:
     for line_no, row in enumerate(csv.reader(f), 1):
@@ -130,8 +135,13 @@ def _read_captions(folder: str, keys: set[str], skipped: set[str]) -> dict[str, 
       if len(row) < 2 or not row[1].strip():
         raise UserError(f"{path}:{line_no}: expected 'image,caption', got {','.join(row)!r}")
       key, caption = row[0].strip(), ",".join(row[1:]).strip()
+      if key not in keys and key not in skipped and len(names.get(key, ())) == 1:
+        key = names[key][0]
       if key in skipped:
         continue
+      if key not in keys and len(names.get(key, ())) > 1:
+        which = ", ".join(sorted(names[key]))
+        raise UserError(f"{path}:{line_no}: {key!r} names several images ({which}); give its path")
       if key not in keys:
         raise UserError(f"{path}:{line_no}: {key!r} is not a readable image of the folder")
       out.setdefault(key, []).append(caption)

@@ -77,6 +77,18 @@ def test_image_folder_skips_unreadable_files_and_reads_captions(tmp_path, caplog
   assert sum("skipped" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_captions_beside_an_image_sub_folder_name_images_by_file_name(tmp_path):
+  # Flickr8k's layout: captions.txt beside Images/, naming each image by its file name.
+  keys = write_images(tmp_path / "flickr" / "Images", 2, seed=0)
+  write_images(tmp_path / "flickr" / "more", 1, seed=0)  # the same file name as keys[0]
+  (tmp_path / "flickr" / "captions.txt").write_text(f"image,caption\n{keys[1]},a blue disc\n")
+  items = collection.read_collection(str(tmp_path / "flickr"))
+  assert items.queries[list(items.keys).index(f"Images/{keys[1]}")] == ("a blue disc",)
+  (tmp_path / "flickr" / "captions.txt").write_text(f"{keys[0]},ambiguous\n")
+  with pytest.raises(UserError, match=f"captions.txt:1: '{keys[0]}' names several images"):
+    collection.read_collection(str(tmp_path / "flickr"))
+
+
 @pytest.mark.parametrize(
   "content, message",
   [

@@ -188,6 +188,7 @@ def build_benchmark(args) -> tuple[list[dict], dict]:
     search_ms=round(single_ms, 1),
     search_batch_ms=round(batch_ms, 2),
     steps=summary["steps"],
+    captions=sum(len(q) for q in index.items["queries"]),  # kept in the index, not trained on
   )
   shutil.rmtree(work, ignore_errors=True)
   return [row], {"images": os.path.basename(os.path.normpath(args.images))}

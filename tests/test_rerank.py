@@ -326,9 +326,19 @@ def test_the_squad_experiment_reports_every_pipeline(tmp_path, monkeypatch):
   assert train[3] not in kept and len(kept) == len(kept_rel) == 11
 
 
-def test_flickr_training_pairs_never_show_the_query_in_the_item_text():
-  from dsi_jax.experiments.flickr_rerank import leave_one_out
+def test_flickr_training_pairs_never_show_the_query_and_every_item_loses_one_caption():
+  from dsi_jax.experiments.flickr_rerank import drop_one
 
-  captions_of = {"a.jpg": ["a dog runs", "a brown dog", "dog on grass"], "b.jpg": ["a cat"]}
-  pairs = [("a brown dog", "a.jpg"), ("a brown dog", "b.jpg"), ("a cat", "b.jpg")]
-  assert leave_one_out(pairs, captions_of) == ["a dog runs ; dog on grass", "a cat", ""]
+  captions_of = {
+    "a.jpg": ["a dog runs", "a brown dog", "dog on grass"],
+    "b.jpg": ["a cat", "a cat sleeps", "cat on a mat"],
+  }
+  pairs = [(q, key) for q in ["a brown dog", "a cat sleeps"] for key in captions_of]
+  texts = drop_one(pairs, captions_of)
+  assert texts[0] == "a dog runs ; dog on grass" and texts[3] == "a cat ; cat on a mat"
+  for (query, key), item_text in zip(pairs, texts):
+    kept = item_text.split(" ; ")
+    assert query not in kept
+    # positives and negatives alike show one caption fewer: the count cannot tell them apart
+    assert len(kept) == len(captions_of[key]) - 1 and set(kept) <= set(captions_of[key])
+  assert drop_one(pairs, captions_of) == texts  # deterministic

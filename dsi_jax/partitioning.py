@@ -96,6 +96,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
   (r"LayerScale_\d+/scale$", ("embed",)),
   (r"logits/kernel$", ("embed", "vocab")),
   (r"logits/bias$", ("vocab",)),
+  (r"(^|/)id_embedding$", ("vocab", "embed")),  # ids that start from embeddings
+  (r"(^|/)id_log_scale$", ()),
 )
 
 

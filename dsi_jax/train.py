@@ -355,7 +355,8 @@ def train_dsi(
   spec: the model's `runs.ModelSpec`, written to `workdir/model.json` so that `runs.load_run`
   (and `dsi-jax search`) can rebuild the trained retriever from the folder alone.
   init_params: parameters to start from instead of a fresh initialisation (continual
-    training, e.g. `dsi_jax.index.Index.add`).
+    training, e.g. `dsi_jax.index.Index.add`). Without them, a model whose ids start from
+    embeddings (`embedding_ids`) starts with each item's row from `data.index_inputs`.
   """
   if finetune and "map@10" not in config.eval_metrics:
     raise ValueError(
@@ -367,6 +368,10 @@ def train_dsi(
   rng = jax.random.PRNGKey(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   state = create_state(model, example_inputs(data), config, init_rng, mesh, init_params)
+  if init_params is None and getattr(model.network.decoder, "embedding_ids", False):
+    # ids that start from embeddings: each item's row from its indexed input
+    start = model.ids_from_embeddings(jax.device_get(state.params), data.index_inputs)
+    state = create_state(model, example_inputs(data), config, init_rng, mesh, start)
   targets = model.docids.targets()
   writer = None
   phase_checkpoints: dict[str, checkpoints_lib.PhaseCheckpoints] = {}

@@ -5,7 +5,8 @@ DSI_JAX_SQUAD_FILE=path/to/dev-v1.1.json python tools/squad_dsi.py export --out 
 # 2. train (only JAX, Flax, optax, tokenizers and safetensors needed; a GPU helps):
 python tools/squad_dsi.py train --data squad_data --out squad_runs [--schemes semantic rq]
 # (--model t5 on both: SentencePiece pieces and T5-DSI trained from scratch;
-#  --frozen-encoder: MiniLM frozen, its outputs computed once, the decoder trained: CPU-sized)
+#  --frozen-encoder: MiniLM frozen, its outputs computed once, the decoder trained: CPU-sized;
+#  --embedding-ids: atomic ids that start from MiniLM's paragraph embeddings)
 # 3. baselines on the same test questions, then one table:
 python tools/squad_dsi.py baselines --data squad_data --out squad_runs
 python tools/squad_dsi.py table --out squad_runs
@@ -42,6 +43,12 @@ def main(argv=None) -> int:
     action="store_true",
     help="MiniLM frozen: train the docid decoder on its outputs, computed once (CPU-sized)",
   )
+  p.add_argument(
+    "--embedding-ids",
+    action="store_true",
+    help="atomic ids that start from MiniLM's paragraph embeddings (step 0 ranks as the "
+    "zero-shot dual encoder)",
+  )
   p.add_argument("--index-steps", type=int, default=None, help="cap of the indexing phase")
   p.add_argument("--finetune-steps", type=int, default=None, help="cap of the fine-tuning phase")
   p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
@@ -77,10 +84,11 @@ def main(argv=None) -> int:
     ):
       if value is not None:
         config = dataclasses.replace(config, **{field: value})
-    suffix = "_frozen" if args.frozen_encoder else ""
+    suffix = ("_frozen" if args.frozen_encoder else "") + ("_embids" if args.embedding_ids else "")
     run_config = squad.SquadConfig(
       train=config,
       frozen_encoder=args.frozen_encoder,
+      embedding_ids=args.embedding_ids,
       minilm_path=args.minilm,
       max_eval_queries=64 if args.quick else None,
       # A smoke run: a tiny T5 (T5.1.1 small is 48M parameters, slow on a CPU).

@@ -98,6 +98,8 @@ class SquadConfig:
     once (what a CPU can afford).
   t5_sizes: overrides of `dsi.T5_DSI_DEFAULTS` (T5.1.1 small) for folders exported for T5.
   max_eval_queries: keep only the first validation and test questions (smoke runs).
+  embedding_ids: atomic ids that start from MiniLM's paragraph embeddings (MiniLM-DSI only):
+    step 0 ranks as the zero-shot dual encoder; indexing and fine-tuning improve on it.
   """
 
   train: train_lib.TrainConfig = train_lib.TrainConfig()
@@ -105,6 +107,7 @@ class SquadConfig:
   t5_sizes: dict | None = None
   max_eval_queries: int | None = None
   minilm_path: str | None = None
+  embedding_ids: bool = False
 
 
 def model_spec(meta: dict, config: SquadConfig, text_length: int) -> runs.ModelSpec:
@@ -112,15 +115,20 @@ def model_spec(meta: dict, config: SquadConfig, text_length: int) -> runs.ModelS
   from dsi_jax.models import dsi
 
   ranking = {"method": config.train.ranking, "num_beams": 10}
+  if config.embedding_ids and meta["model"] == "t5":
+    raise ValueError("embedding_ids: ids start from MiniLM's embeddings (model minilm), not T5's")
   if meta["model"] == "t5":
     sizes = {**dsi.T5_DSI_DEFAULTS, **(config.t5_sizes or {})}
     kwargs = {"vocab_size": meta["vocab_size"], "pad_id": meta["pad_id"], **sizes}
     return runs.ModelSpec(
       "t5_dsi", kwargs, queries=("text",), text_length=text_length, ranking=ranking
     )
+  kwargs = {"frozen": True} if config.frozen_encoder else {}
+  if config.embedding_ids:
+    kwargs["embedding_ids"] = True
   return runs.ModelSpec(
     "minilm_dsi",
-    {"frozen": True} if config.frozen_encoder else {},
+    kwargs,
     queries=("text",),
     text_length=text_length,
     tokenizer="minilm",
@@ -158,7 +166,9 @@ def run(
   rows = results.phase_rows(
     result,
     METRICS,
-    model=f"{meta['model']}_dsi" + ("_frozen_encoder" if config.frozen_encoder else ""),
+    model=f"{meta['model']}_dsi"
+    + ("_frozen_encoder" if config.frozen_encoder else "")
+    + ("_embedding_ids" if config.embedding_ids else ""),
     dataset="squad_v1.1_dev",
     db_size=len(docids),
     ids=docids.scheme,

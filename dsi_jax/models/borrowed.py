@@ -73,6 +73,7 @@ def make_minilm_dsi(
   num_heads: int = 12,
   dropout: float = 0.1,
   dtype: Any = jnp.float32,
+  embedding_ids: bool = False,
 ):
   """Text DSI on the borrowed all-MiniLM-L6-v2 encoder: returns `(DSIModel, tokenizer)`.
 
@@ -83,6 +84,9 @@ def make_minilm_dsi(
     (`PrecomputedEncoder`): turn token ids into its inputs with `model.input_encoder(tokens)`.
     Its parameters are the decoder's only, the same tree as the trainable model's `decoder`,
     so a frozen-trained decoder also runs under the full model with MiniLM's weights.
+  embedding_ids: atomic ids that start from embeddings (`DocidDecoder.embedding_ids`): an
+    untrained model ranks paragraphs as MiniLM's mean-pooled embeddings do, the zero-shot dual
+    encoder's ranking (`DSIModel.ids_from_embeddings`, which `train_dsi` applies).
   """
   from dsi_jax.models import text
 
@@ -97,6 +101,7 @@ def make_minilm_dsi(
     num_heads=num_heads,
     dropout=dropout,
     dtype=dtype,
+    embedding_ids=embedding_ids,
   )
   if frozen:
     model = DSIModel(DSINetwork(encoder=PrecomputedEncoder(), decoder=decoder), docids)
@@ -149,6 +154,7 @@ def make_dinov2_dsi(
   num_heads: int = 6,
   dropout: float = 0.1,
   dtype: Any = jnp.float32,
+  embedding_ids: bool = False,
 ) -> DSIModel:
   """Image DSI on a borrowed, frozen DINOv2 tower: the docid decoder (the tower's width)
   cross-attends to the tower's tokens, computed once (`model.input_encoder(images)`).
@@ -178,6 +184,7 @@ def make_dinov2_dsi(
     num_heads=num_heads,
     dropout=dropout,
     dtype=dtype,
+    embedding_ids=embedding_ids,
   )
   depth = kwargs.get("output_block") or kwargs["depth"]
   if not 0 <= train_blocks < depth:
@@ -221,6 +228,7 @@ def make_dinov2_clip_dsi(
   tower_image_size: int = 112,
   output_block: int | None = 8,
   dropout: float = 0.1,
+  embedding_ids: bool = False,
 ) -> DSIModel:
   """CLIP-DSI on a trained text tower (MiniLM) and a borrowed, frozen DINOv2: the image side
   reads the tower's tokens at `output_block`, computed once, as `[n, tokens, 1, d]` maps
@@ -246,6 +254,7 @@ def make_dinov2_clip_dsi(
     num_heads=4,
     mlp_dim=4 * width,
     dropout=dropout,
+    embedding_ids=embedding_ids,
   )
   model = DSIModel(network, docids)
   tower = DINOv2(**kwargs)

@@ -7,12 +7,19 @@ input), which `decoding.beam_search` reorders between beams.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from dsi_jax.models.vit import MlpBlock
+
+# Where `embedding_ids` is set, the first id position's logits start as this many times the
+# cosine of query and item embeddings (sentence-transformers' MultipleNegativesRankingLoss
+# scale); the scale is learned from there.
+ID_SCALE = 20.0
 
 # Logical axes of the decoder's hidden states (`dsi_jax.partitioning` maps them to the mesh).
 ACTIVATION_AXES = ("batch", "candidates", "length", "embed")
@@ -52,6 +59,14 @@ class DocidDecoder(nn.Module):
   ids (beams, or every id of the corpus) against each query's encoding `[batch, patches, d]`
   without copying the encoding. Returns logits `[..., length, vocab]` of the same leading
   shape.
+
+  embedding_ids: atomic ids that start from embeddings (IncDSI's view of an atomic id as an
+  output row, here a row of the query encoder's space). The first id position's logits gain
+  `scale * cos(pooled query encoding, id_embedding[token])`, `id_embedding` `[vocab, d]` a
+  row per id token (`DSIModel.ids_from_embeddings` fills it with the items' embeddings;
+  special tokens keep zero rows) and `scale` learned (from `ID_SCALE`). The decoder's own
+  output layer then starts at zero, so an untrained model ranks exactly as the embeddings do,
+  and training improves on that ranking.
   """
 
   vocab_size: int
@@ -62,6 +77,7 @@ class DocidDecoder(nn.Module):
   num_heads: int = 4
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  embedding_ids: bool = False
 
   @nn.compact
   def __call__(
@@ -80,12 +96,14 @@ class DocidDecoder(nn.Module):
     pos = self.param(
       "pos_embedding", nn.initializers.normal(stddev=0.02), (1, self.max_length, self.width)
     )
+    first = jnp.arange(length) == 0  # which positions are an id's first token
     if decode:
       # One token per call: its position is a counter kept in the cache.
       is_init = self.has_variable("cache", "position")
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
       if is_init:
         x = x + jnp.take(pos[0], position.value, axis=0)
+        first = (position.value == 0)[None]
         position.value = position.value + 1
       else:
         x = x + pos[:, :length]
@@ -109,6 +127,27 @@ class DocidDecoder(nn.Module):
       )
       x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     x = nn.LayerNorm(name="decoder_norm", dtype=self.dtype)(x)
-    logits = nn.Dense(self.vocab_size, name="logits", dtype=jnp.float32)(x)
+    init = nn.initializers.zeros if self.embedding_ids else nn.initializers.lecun_normal()
+    logits = nn.Dense(self.vocab_size, name="logits", dtype=jnp.float32, kernel_init=init)(x)
+    if self.embedding_ids:
+      rows = self.param("id_embedding", nn.initializers.zeros, (self.vocab_size, encoded.shape[-1]))
+      log_scale = self.param("id_log_scale", nn.initializers.constant(math.log(ID_SCALE)), ())
+      query = unit(pool(encoded, encoder_mask))  # [batch, d]
+      sim = jnp.exp(log_scale) * query.astype(jnp.float32) @ unit(rows).T  # [batch, vocab]
+      logits = logits + jnp.where(first[:, None], sim[:, None, None, :], 0.0)
     logits = nn.with_logical_constraint(logits, ("batch", "candidates", "length", "vocab"))
     return logits[:, 0] if squeeze else logits
+
+
+def pool(encoded, mask=None):
+  """`[batch, d]`: the mean of an encoding `[batch, tokens, d]` over its unmasked tokens (the
+  sentence embedding of a mean-pooling sentence encoder such as all-MiniLM-L6-v2)."""
+  if mask is None:
+    return encoded.mean(axis=1)
+  m = mask.astype(encoded.dtype)[..., None]
+  return (encoded * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+
+
+def unit(x):
+  """Rows scaled to unit length; zero rows stay zero (with a zero gradient, not NaN)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))

@@ -17,7 +17,7 @@ from dsi_jax import decoding, partitioning
 from dsi_jax import docids as docids_lib
 from dsi_jax import trie as trie_lib
 from dsi_jax.losses import infonce_loss, l2_normalize, shift_right, token_log_likelihood
-from dsi_jax.models.decoder import DocidDecoder
+from dsi_jax.models.decoder import DocidDecoder, pool
 from dsi_jax.models.vit import ViT
 
 Params = Mapping[str, Any]
@@ -56,6 +56,14 @@ class DSINetwork(nn.Module):
     encoded, _ = self.encode(inputs, train=train)
     return self.decode(encoded, decoder_input_tokens, train=train)
 
+  def embed(self, inputs):
+    """`[b, d]`: the mean of the encoding over its unmasked tokens, the query embedding that
+    a decoder with `embedding_ids` compares with its id rows."""
+    encoded, _ = self.encode(inputs)
+    if isinstance(encoded, Mapping):
+      return pool(encoded["encoded"], encoded["mask"])
+    return pool(encoded)
+
 
 VIT_DSI_DEFAULTS = dict(
   patch_size=4, width=128, depth=6, mlp_dim=256, num_heads=4, dropout=0.1, decoder_depth=3
@@ -73,8 +81,10 @@ def make_vit_dsi(
   dropout: float = 0.1,
   decoder_depth: int = 3,
   dtype: Any = jnp.float32,
+  embedding_ids: bool = False,
 ) -> DSINetwork:
-  """The seed's ViT-DSI network; defaults are the seed recipe (width 128, depth 6, ...)."""
+  """The seed's ViT-DSI network; defaults are the seed recipe (width 128, depth 6, ...).
+  embedding_ids: atomic ids that start from embeddings (`DocidDecoder.embedding_ids`)."""
   encoder = ViT(
     patch_size=patch_size,
     width=width,
@@ -93,6 +103,7 @@ def make_vit_dsi(
     num_heads=num_heads,
     dropout=dropout,
     dtype=dtype,
+    embedding_ids=embedding_ids,
   )
   return DSINetwork(encoder=encoder, decoder=decoder)
 
@@ -250,6 +261,47 @@ class DSIModel:
     for name, subtree in self.pretrained.items():
       params = replace_subtree(params, name.split("/"), subtree, out_shardings, name)
     return params
+
+  def ids_from_embeddings(
+    self, params: Params, inputs, item_of_row=None, *, batch_size: int = 64
+  ) -> Params:
+    """`params` with each atomic id's row of `decoder/id_embedding` set to its item's
+    embedding (`DSINetwork.embed`): of `inputs` row i if `item_of_row` is None (`inputs` are
+    the indexed items, `RetrievalData.index_inputs`), else the mean over the rows of each item
+    (e.g. its training captions). With the decoder's output layer still at zero, the model
+    then ranks items by the cosine of query and item embeddings.
+
+    Raises:
+      ValueError: the decoder has no `embedding_ids`, the ids are not atomic, or an item has
+        no row.
+    """
+    if not getattr(self.network.decoder, "embedding_ids", False):
+      raise ValueError("ids_from_embeddings needs a decoder built with embedding_ids=True")
+    if self.docids.scheme != "atomic":
+      raise ValueError(f"ids start from embeddings for atomic ids only, not {self.docids.scheme!r}")
+    n = len(self.docids)
+    item_of_row = np.arange(n) if item_of_row is None else np.asarray(item_of_row)
+    if len(item_of_row) != len(jax.tree_util.tree_leaves(inputs)[0]):
+      raise ValueError(f"{len(item_of_row)} item indices for inputs of another length")
+    missing = np.setdiff1d(np.arange(n), item_of_row)
+    if missing.size:
+      raise ValueError(f"{missing.size} items (first: {self.docids.keys[missing[0]]}) have no row")
+    embed = jax.jit(lambda p, x: self.network.apply({"params": p}, x, method=DSINetwork.embed))
+    rows = len(item_of_row)
+    parts = [
+      np.asarray(embed(params, jnp.asarray(inputs[i : i + batch_size])), np.float64)
+      for i in range(0, rows, batch_size)
+    ]
+    vectors = np.concatenate(parts)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-6)
+    sums = np.zeros((n, vectors.shape[1]))
+    np.add.at(sums, item_of_row, vectors)
+    table = np.array(params["decoder"]["id_embedding"], np.float32)
+    table[np.asarray(self.all_targets[:, 0])] = (
+      sums / np.bincount(item_of_row, minlength=n)[:, None]
+    )
+    decoder = {**params["decoder"], "id_embedding": jnp.asarray(table)}
+    return {**params, "decoder": decoder}
 
   # -- the model contract ------------------------------------------------------------------
   def loss_fn(self, params: Params, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None):

@@ -79,6 +79,7 @@ def make_clip_dsi(
   num_heads: int = 4,
   dropout: float = 0.1,
   dtype: Any = jnp.float32,
+  embedding_ids: bool = False,
 ):
   """The CLIP-DSI network: both towers (`TwoTowerEncoder`) and a docid decoder of `width`.
 
@@ -97,6 +98,7 @@ def make_clip_dsi(
     num_heads=num_heads,
     dropout=dropout,
     dtype=dtype,
+    embedding_ids=embedding_ids,
   )
   return DSINetwork(encoder=encoder, decoder=decoder)
 

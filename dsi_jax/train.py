@@ -340,6 +340,7 @@ def train_dsi(
   mesh: jax.sharding.Mesh | None = None,
   spec: Any = None,
   init_params: Any = None,
+  embedding_rows: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
   """Runs indexing then (if `finetune`) retrieval fine-tuning; returns both phases' results.
 
@@ -356,7 +357,9 @@ def train_dsi(
   (and `dsi-jax search`) can rebuild the trained retriever from the folder alone.
   init_params: parameters to start from instead of a fresh initialisation (continual
     training, e.g. `dsi_jax.index.Index.add`). Without them, a model whose ids start from
-    embeddings (`embedding_ids`) starts with each item's row from `data.index_inputs`.
+    embeddings (`embedding_ids`) starts with each item's row from `data.index_inputs`, or
+    from `embedding_rows = (inputs, item of each row)` (e.g. the training captions of each
+    image, where only the text side starts aligned).
   """
   if finetune and "map@10" not in config.eval_metrics:
     raise ValueError(
@@ -369,8 +372,9 @@ def train_dsi(
   init_rng, dropout_rng = jax.random.split(rng)
   state = create_state(model, example_inputs(data), config, init_rng, mesh, init_params)
   if init_params is None and getattr(model.network.decoder, "embedding_ids", False):
-    # ids that start from embeddings: each item's row from its indexed input
-    start = model.ids_from_embeddings(jax.device_get(state.params), data.index_inputs)
+    # ids that start from embeddings: each item's row from its indexed input, or as given
+    rows = embedding_rows or (data.index_inputs, None)
+    start = model.ids_from_embeddings(jax.device_get(state.params), *rows)
     state = create_state(model, example_inputs(data), config, init_rng, mesh, start)
   targets = model.docids.targets()
   writer = None

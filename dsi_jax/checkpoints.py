@@ -324,3 +324,54 @@ def restore_params(directory: str, template_params: Any, *, run_id: str | None =
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     args = ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
     return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
+
+def digest(*arrays: Any) -> str:
+  """sha256 of arrays' dtypes, shapes and bytes: a fingerprint of the data a training read."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def trained_once(
+  directory: str, fingerprint: Any, template: Any, train: Any
+) -> tuple[Any, dict[str, Any]]:
+  """Parameters trained once and kept in `directory`, e.g. a first stage or a re-ranker of an
+  experiment that a later run (after a crash, or with other evaluation settings) reuses.
+
+  If `directory` holds parameters saved under an equal `fingerprint` (anything JSON can hold:
+  the settings and data digests the training depends on), they are restored onto `template`'s
+  shapes and returned with the `info` saved beside them. Otherwise `train()` returns
+  `(params, info)`, which are saved (orbax, into a temporary folder renamed into place: a
+  process killed mid-save leaves the old folder or none) and returned; a folder saved under
+  another fingerprint is replaced.
+  """
+  import shutil
+
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, "trained.json")
+  wanted = json.loads(json.dumps(fingerprint))
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get("fingerprint") == wanted:
+      params_dir = os.path.join(directory, "params")
+      with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(params_dir, _abstract(template))
+      log.info("%s: trained parameters restored", directory)
+      return params, meta.get("info", {})
+  params, info = train()
+  tmp = f"{directory}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, "params"), params)
+    ckptr.wait_until_finished()
+  with open(os.path.join(tmp, "trained.json"), "w") as f:
+    json.dump({"fingerprint": wanted, "info": info}, f)
+  shutil.rmtree(directory, ignore_errors=True)
+  os.replace(tmp, directory)
+  return params, info

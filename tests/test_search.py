@@ -1,6 +1,7 @@
 """`dsi-jax search` on the run folders of the demo, the Flickr experiment and the SQuAD tool
 (tiny budgets): an indexed item, given as a user would have it, comes back first."""
 
+import dataclasses
 import json
 import os
 
@@ -158,10 +159,15 @@ def test_squad_run_with_ids_from_embeddings_is_searchable(tmp_path, capsys):
     ),
     frozen_encoder=True,
     embedding_ids=True,
+    embedding_rows="paragraph",
   )
   rows = squad.run(str(folder), str(tmp_path / "run"), config=config, show_progress=False)
-  assert rows[0]["model"] == "minilm_dsi_frozen_encoder_embedding_ids"
+  assert rows[0]["model"] == "minilm_dsi_frozen_encoder_embedding_ids_of_paragraphs"
   assert runs.load_spec(str(tmp_path / "run")).kwargs == {"frozen": True, "embedding_ids": True}
+  with pytest.raises(ValueError, match="embedding_rows"):
+    squad.run(
+      str(folder), str(tmp_path / "bad"), config=dataclasses.replace(config, embedding_rows="x")
+    )
   for question, key in [("Which element has number 8?", "p1"), ("Where is Victoria?", "p3")]:
     hits = search_json(capsys, str(tmp_path / "run"), "--text", question, "-k", "1")
     assert hits[0]["key"] == key  # questions never trained on

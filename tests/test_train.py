@@ -113,3 +113,24 @@ def test_gin_train_command_runs_an_experiment(tmp_path):
   assert [r["setting"] for r in report["rows"]] == ["zero_shot", "fine_tuned"]
   assert report["rows"][0]["db_size"] == 40 and report["config"]["model"]["width"] == 32
   assert report["rows"][0]["steps"] == 6
+
+
+def test_trained_once_restores_what_it_trained_under_the_same_fingerprint(tmp_path):
+  from dsi_jax import checkpoints
+
+  calls = []
+
+  def train():
+    calls.append(1)
+    return {"w": jnp.arange(6.0).reshape(2, 3), "b": {"x": jnp.ones(3)}}, {"seconds": 1.5}
+
+  template = {"w": jnp.zeros((2, 3)), "b": {"x": jnp.zeros(3)}}
+  folder = str(tmp_path / "stage")
+  data = checkpoints.digest(np.arange(4), np.ones((2, 2), np.float32))
+  assert data != checkpoints.digest(np.arange(4), np.ones((2, 2), np.float64))
+  first, info = checkpoints.trained_once(folder, {"steps": 3, "data": data}, template, train)
+  again, info2 = checkpoints.trained_once(folder, {"steps": 3, "data": data}, template, train)
+  assert len(calls) == 1 and info2 == info == {"seconds": 1.5}
+  np.testing.assert_array_equal(again["w"], first["w"])
+  checkpoints.trained_once(folder, {"steps": 4, "data": data}, template, train)  # other settings
+  assert len(calls) == 2 and os.listdir(tmp_path) == ["stage"]  # replaced, no leftovers

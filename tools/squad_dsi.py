@@ -49,6 +49,13 @@ def main(argv=None) -> int:
     help="atomic ids that start from MiniLM's paragraph embeddings (step 0 ranks as the "
     "zero-shot dual encoder)",
   )
+  p.add_argument(
+    "--embedding-rows",
+    choices=("index", "paragraph"),
+    default="index",
+    help="with --embedding-ids: rows from the indexing input (64 word pieces) or from the "
+    "whole paragraph (--frozen-encoder)",
+  )
   p.add_argument("--index-steps", type=int, default=None, help="cap of the indexing phase")
   p.add_argument("--finetune-steps", type=int, default=None, help="cap of the fine-tuning phase")
   p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
@@ -85,10 +92,13 @@ def main(argv=None) -> int:
       if value is not None:
         config = dataclasses.replace(config, **{field: value})
     suffix = ("_frozen" if args.frozen_encoder else "") + ("_embids" if args.embedding_ids else "")
+    if args.embedding_ids and args.embedding_rows != "index":
+      suffix += f"_{args.embedding_rows}"
     run_config = squad.SquadConfig(
       train=config,
       frozen_encoder=args.frozen_encoder,
       embedding_ids=args.embedding_ids,
+      embedding_rows=args.embedding_rows,
       minilm_path=args.minilm,
       max_eval_queries=64 if args.quick else None,
       # A smoke run: a tiny T5 (T5.1.1 small is 48M parameters, slow on a CPU).

@@ -344,13 +344,16 @@ def dual_encoder_row(
   image_tower=None,
   images=None,
   with_retriever: bool = False,
+  keep_in: str | None = None,
 ):
   """The dual encoder on the same towers, trained with InfoNCE on the same training captions.
 
   image_tower, images: another image tower and what it reads for the indexed items (default:
   the config's ViT from scratch on `data.index_inputs`), e.g. `borrowed.FeatureMap()` on a
   frozen tower's features.
-  with_retriever: return `(row, retriever)`, the retriever reading caption token rows."""
+  with_retriever: return `(row, retriever)`, the retriever reading caption token rows.
+  keep_in: a folder where the trained parameters are kept (`checkpoints.trained_once`): a
+    later run with the same settings and data restores them instead of training again."""
   from dsi_jax.baselines import dual_encoder as dual_lib
   from dsi_jax.models import vit
 
@@ -367,19 +370,36 @@ def dual_encoder_row(
     pretrained={"text_tower": minilm_params},
   )
   image_of_caption = np.array([r[0] for r in data.train_relevant])
-  params, losses = dual_lib.train_dual_encoder(
-    dual,
-    params,
-    data.train_inputs,
-    images[image_of_caption],
-    image_of_caption,
-    steps=config.dual.steps,
-    batch_size=config.dual.batch_size,
-    learning_rate=config.dual.learning_rate,
-    seed=config.seed,
-    show_progress=show_progress,
-    text_lr_multiplier=config.text_lr_multiplier,
-  )
+
+  def train():
+    trained, losses = dual_lib.train_dual_encoder(
+      dual,
+      params,
+      data.train_inputs,
+      images[image_of_caption],
+      image_of_caption,
+      steps=config.dual.steps,
+      batch_size=config.dual.batch_size,
+      learning_rate=config.dual.learning_rate,
+      seed=config.seed,
+      show_progress=show_progress,
+      text_lr_multiplier=config.text_lr_multiplier,
+    )
+    return trained, {"final_loss": float(np.mean(losses[-50:])), "seconds": time.time() - t0}
+
+  if keep_in is None:
+    params, info = train()
+  else:
+    from dsi_jax import checkpoints
+
+    fingerprint = {
+      "dual": dataclasses.asdict(config.dual),
+      "seed": config.seed,
+      "text_lr_multiplier": config.text_lr_multiplier,
+      "tower": repr(image_tower),
+      "data": checkpoints.digest(data.train_inputs, images, image_of_caption),
+    }
+    params, info = checkpoints.trained_once(keep_in, fingerprint, params, train)
   retriever = dual_lib.DualEncoderRetriever(dual, params, images, keys)
   values = evaluation.evaluate(
     retriever, data.test_inputs, relevant, ("ia@1", "ia@5", *METRICS), index=images
@@ -389,8 +409,8 @@ def dual_encoder_row(
     setting="fine_tuned",
     metrics=values,
     steps=config.dual.steps,
-    seconds=round(time.time() - t0, 1),
-    final_loss=float(np.mean(losses[-50:])),
+    seconds=round(info["seconds"], 1),
+    final_loss=info["final_loss"],
     **common,
   )
   return (row, retriever) if with_retriever else row

@@ -19,6 +19,7 @@ The corpus, splits, towers and training budgets are those of `tools/flickr_dinov
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 import zlib
@@ -27,11 +28,27 @@ from typing import Any
 import jax
 import numpy as np
 
-from dsi_jax import cross_training, rerank, results, retrieval
+from dsi_jax import checkpoints, cross_training, rerank, results, retrieval
 from dsi_jax.experiments import flickr
 from dsi_jax.experiments.rerank import pipeline_rows
 
 ITEM_VIEWS = ("image", "image+captions")
+# what a trained cross-encoder depends on (a run with other values trains a new one)
+CROSS_ENCODER_FIELDS = (
+  "image_size",
+  "grid",
+  "max_length",
+  "steps",
+  "queries_per_batch",
+  "negatives_per_query",
+  "negatives",
+  "learning_rate",
+  "pretrained_lr_multiplier",
+  "dual_steps",
+  "index_steps",
+  "finetune_steps",
+  "seed",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +180,7 @@ def run(
     image_tower=borrowed.FeatureMap(),
     images=tokens[:, 1:].mean(axis=1)[:, None, None, :],
     with_retriever=True,
+    keep_in=os.path.join(workdir, "dual_encoder"),
   )
   stages["dual_encoder"] = retrieval.Prepared(dual, prepare)
   rows += [{**r, "tower": tower_name} for r in [*clip_rows, dual_row]]
@@ -206,28 +224,44 @@ def run(
         queries = [q for q, _ in pairs]
         return rerank.pair_inputs(tokenizer, queries, texts, features, max_length=scorer.max_length)
 
-    t = time.time()
-    params, history = cross_training.train_cross_encoder(
-      model,
-      params,
-      train_inputs,
-      train_caps,
-      train_rel,
-      negatives,
-      keys,
-      steps=config.steps,
-      queries_per_batch=config.queries_per_batch,
-      negatives_per_query=config.negatives_per_query,
-      learning_rate=config.learning_rate,
-      pretrained_lr_multiplier=config.pretrained_lr_multiplier,
-      seed=config.seed,
-      show_progress=show_progress,
+    def train(params=params, train_inputs=train_inputs, model=model):
+      t = time.time()
+      params, history = cross_training.train_cross_encoder(
+        model,
+        params,
+        train_inputs,
+        train_caps,
+        train_rel,
+        negatives,
+        keys,
+        steps=config.steps,
+        queries_per_batch=config.queries_per_batch,
+        negatives_per_query=config.negatives_per_query,
+        learning_rate=config.learning_rate,
+        pretrained_lr_multiplier=config.pretrained_lr_multiplier,
+        seed=config.seed,
+        show_progress=show_progress,
+      )
+      return params, {
+        "train_seconds": round(time.time() - t, 1),
+        "final_bce": float(np.mean([h["bce"] for h in history[-20:]])),
+      }
+
+    fingerprint = {
+      "view": view,
+      "config": {f: getattr(config, f) for f in CROSS_ENCODER_FIELDS},
+      "data": checkpoints.digest(
+        features, np.frombuffer(json.dumps([train_caps, negatives]).encode(), np.uint8)
+      ),
+      "training_items": "drop_one" if view == "image+captions" else None,
+    }
+    params, trained = checkpoints.trained_once(
+      os.path.join(workdir, f"cross_encoder_{view.replace('+', '_')}"), fingerprint, params, train
     )
     info = {
       "reranker": "rerank" if view == "image" else "rerank_with_captions",
       "item_view": view,
-      "train_seconds": round(time.time() - t, 1),
-      "final_bce": float(np.mean([h["bce"] for h in history[-20:]])),
+      **trained,
     }
     scorer = dataclasses.replace(scorer, params=params)
     pipelines += [(name, stage, scorer, info) for name, stage in stages.items()]

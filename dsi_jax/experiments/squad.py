@@ -98,9 +98,12 @@ class SquadConfig:
     once (what a CPU can afford).
   t5_sizes: overrides of `dsi.T5_DSI_DEFAULTS` (T5.1.1 small) for folders exported for T5.
   max_eval_queries: keep only the first validation and test questions (smoke runs).
-  embedding_ids: atomic ids that start from MiniLM's paragraph embeddings (MiniLM-DSI only;
-    with the frozen encoder, of the whole paragraph): step 0 ranks as the zero-shot dual
-    encoder; indexing and fine-tuning improve on it.
+  embedding_ids: atomic ids that start from MiniLM's paragraph embeddings (MiniLM-DSI only):
+    step 0 ranks by the cosine of question and paragraph embeddings, indexing and fine-tuning
+    improve on it.
+  embedding_rows: where those embeddings come from: "index", the indexing input (the first
+    64 word pieces); "paragraph" (frozen encoder), the whole paragraph as the dual encoder
+    embeds it (up to 256 word pieces).
   """
 
   train: train_lib.TrainConfig = train_lib.TrainConfig()
@@ -109,6 +112,13 @@ class SquadConfig:
   max_eval_queries: int | None = None
   minilm_path: str | None = None
   embedding_ids: bool = False
+  embedding_rows: str = "index"
+
+  def __post_init__(self):
+    if self.embedding_rows not in ("index", "paragraph"):
+      raise ValueError(
+        f"SquadConfig.embedding_rows must be 'index' or 'paragraph', not {self.embedding_rows!r}"
+      )
 
 
 def model_spec(meta: dict, config: SquadConfig, text_length: int) -> runs.ModelSpec:
@@ -161,7 +171,9 @@ def run(
       data, model.input_encoder, encoder="all-MiniLM-L6-v2", show_progress=show_progress
     )
   embedding_rows = None
-  if config.embedding_ids and config.frozen_encoder:
+  if config.embedding_ids and config.embedding_rows == "paragraph":
+    if not config.frozen_encoder:
+      raise ValueError("SquadConfig.embedding_rows='paragraph' needs the frozen encoder")
     # each paragraph's row from its whole text (MiniLM reads up to 256 word pieces), the
     # embedding the dual encoder ranks by; the indexing input keeps the first 64
     from dsi_jax.models import text
@@ -185,7 +197,8 @@ def run(
     METRICS,
     model=f"{meta['model']}_dsi"
     + ("_frozen_encoder" if config.frozen_encoder else "")
-    + ("_embedding_ids" if config.embedding_ids else ""),
+    + ("_embedding_ids" if config.embedding_ids else "")
+    + ("_of_paragraphs" if config.embedding_ids and config.embedding_rows == "paragraph" else ""),
     dataset="squad_v1.1_dev",
     db_size=len(docids),
     ids=docids.scheme,

@@ -326,16 +326,6 @@ def restore_params(directory: str, template_params: Any, *, run_id: str | None =
     return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
 
-def digest(*arrays: Any) -> str:
-  """sha256 of arrays' dtypes, shapes and bytes: a fingerprint of the data a training read."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
-
 def trained_once(
   directory: str, fingerprint: Any, template: Any, train: Any
 ) -> tuple[Any, dict[str, Any]]:

@@ -375,7 +375,10 @@ def train_dsi(
     # ids that start from embeddings: each item's row from its indexed input, or as given
     rows = embedding_rows or (data.index_inputs, None)
     start = model.ids_from_embeddings(jax.device_get(state.params), *rows)
-    state = create_state(model, example_inputs(data), config, init_rng, mesh, start)
+    # AdamW's moments do not depend on the values: only the params change
+    state = state.replace(
+      params=jax.tree.map(lambda x, p: jax.device_put(x, p.sharding), start, state.params)
+    )
   targets = model.docids.targets()
   writer = None
   phase_checkpoints: dict[str, checkpoints_lib.PhaseCheckpoints] = {}

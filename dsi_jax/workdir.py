@@ -35,11 +35,23 @@ def data_sha256(data: RetrievalData) -> str:
     value = getattr(data, field.name)
     arrays = value if isinstance(value, list) else [value]
     digest.update(f"{field.name}:{len(arrays)}".encode())
-    for a in arrays:
-      a = np.ascontiguousarray(a)
-      digest.update(f"{a.dtype}{a.shape}".encode())
-      digest.update(a.tobytes())
+    _hash_arrays(digest, arrays)
   return digest.hexdigest()
+
+
+def arrays_sha256(*arrays: Any) -> str:
+  """sha256 of arrays' dtypes, shapes and bytes: a fingerprint of the data a training read
+  (`checkpoints.trained_once`)."""
+  digest = hashlib.sha256()
+  _hash_arrays(digest, arrays)
+  return digest.hexdigest()
+
+
+def _hash_arrays(digest, arrays) -> None:
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    digest.update(f"{a.dtype}{a.shape}".encode())
+    digest.update(a.tobytes())
 
 
 def run_fingerprint(

@@ -116,7 +116,7 @@ def test_gin_train_command_runs_an_experiment(tmp_path):
 
 
 def test_trained_once_restores_what_it_trained_under_the_same_fingerprint(tmp_path):
-  from dsi_jax import checkpoints
+  from dsi_jax import checkpoints, workdir
 
   calls = []
 
@@ -126,8 +126,8 @@ def test_trained_once_restores_what_it_trained_under_the_same_fingerprint(tmp_pa
 
   template = {"w": jnp.zeros((2, 3)), "b": {"x": jnp.zeros(3)}}
   folder = str(tmp_path / "stage")
-  data = checkpoints.digest(np.arange(4), np.ones((2, 2), np.float32))
-  assert data != checkpoints.digest(np.arange(4), np.ones((2, 2), np.float64))
+  data = workdir.arrays_sha256(np.arange(4), np.ones((2, 2), np.float32))
+  assert data != workdir.arrays_sha256(np.arange(4), np.ones((2, 2), np.float64))
   first, info = checkpoints.trained_once(folder, {"steps": 3, "data": data}, template, train)
   again, info2 = checkpoints.trained_once(folder, {"steps": 3, "data": data}, template, train)
   assert len(calls) == 1 and info2 == info == {"seconds": 1.5}

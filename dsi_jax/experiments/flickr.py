@@ -391,13 +391,14 @@ def dual_encoder_row(
     params, info = train()
   else:
     from dsi_jax import checkpoints
+    from dsi_jax import workdir as workdir_lib
 
     fingerprint = {
       "dual": dataclasses.asdict(config.dual),
       "seed": config.seed,
       "text_lr_multiplier": config.text_lr_multiplier,
       "tower": repr(image_tower),
-      "data": checkpoints.digest(data.train_inputs, images, image_of_caption),
+      "data": workdir_lib.arrays_sha256(data.train_inputs, images, image_of_caption),
     }
     params, info = checkpoints.trained_once(keep_in, fingerprint, params, train)
   retriever = dual_lib.DualEncoderRetriever(dual, params, images, keys)

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from dsi_jax import checkpoints, cross_training, rerank, results, retrieval
+from dsi_jax import workdir as workdir_lib
 from dsi_jax.experiments import flickr
 from dsi_jax.experiments.rerank import pipeline_rows
 
@@ -250,7 +251,7 @@ def run(
     fingerprint = {
       "view": view,
       "config": {f: getattr(config, f) for f in CROSS_ENCODER_FIELDS},
-      "data": checkpoints.digest(
+      "data": workdir_lib.arrays_sha256(
         features, np.frombuffer(json.dumps([train_caps, negatives]).encode(), np.uint8)
       ),
       "training_items": "drop_one" if view == "image+captions" else None,

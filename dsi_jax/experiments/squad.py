@@ -119,6 +119,8 @@ class SquadConfig:
       raise ValueError(
         f"SquadConfig.embedding_rows must be 'index' or 'paragraph', not {self.embedding_rows!r}"
       )
+    if self.embedding_ids and self.embedding_rows == "paragraph" and not self.frozen_encoder:
+      raise ValueError("SquadConfig.embedding_rows='paragraph' needs the frozen encoder")
 
 
 def model_spec(meta: dict, config: SquadConfig, text_length: int) -> runs.ModelSpec:
@@ -172,8 +174,6 @@ def run(
     )
   embedding_rows = None
   if config.embedding_ids and config.embedding_rows == "paragraph":
-    if not config.frozen_encoder:
-      raise ValueError("SquadConfig.embedding_rows='paragraph' needs the frozen encoder")
     # each paragraph's row from its whole text (MiniLM reads up to 256 word pieces), the
     # embedding the dual encoder ranks by; the indexing input keeps the first 64
     from dsi_jax.models import text

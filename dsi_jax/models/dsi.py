@@ -281,7 +281,7 @@ class DSIModel:
       raise ValueError(f"ids start from embeddings for atomic ids only, not {self.docids.scheme!r}")
     n = len(self.docids)
     item_of_row = np.arange(n) if item_of_row is None else np.asarray(item_of_row)
-    if len(item_of_row) != len(jax.tree_util.tree_leaves(inputs)[0]):
+    if len(item_of_row) != len(inputs):
       raise ValueError(f"{len(item_of_row)} item indices for inputs of another length")
     missing = np.setdiff1d(np.arange(n), item_of_row)
     if missing.size:

@@ -15,11 +15,14 @@ from dsi_jax.tasks.core import (
   registered_corpora,
   retrieval_data,
 )
+from dsi_jax.tasks.pseudo_queries import PseudoQueries, add_pseudo_queries
 
 __all__ = [
   "CorpusData",
   "DSIFeatureConverter",
   "DocidVocabulary",
+  "PseudoQueries",
+  "add_pseudo_queries",
   "corpus_data",
   "output_features",
   "register_dsi_tasks",

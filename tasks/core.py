@@ -1,4 +1,4 @@
-"""SeqIO tasks and mixtures for a DSI corpus, and the feature converter that feeds a model.
+"""SeqIO tasks and mixtures for a DSI corpus (the feature converter is in `features`).
 
 For a corpus named NAME, `register_dsi_tasks` adds
 
@@ -46,9 +46,13 @@ import tensorflow as tf
 from dsi_jax import docids as docids_lib
 from dsi_jax.data import corpus as corpus_lib
 from dsi_jax.data import inputs as inputs_lib
+from dsi_jax.tasks.features import (  # noqa: F401  (DSIFeatureConverter: part of this API)
+  MODALITIES,
+  DSIFeatureConverter,
+)
 
-MODALITIES = ("image", "text", "image+text")
 _REGISTERED: dict[str, Callable[[], CorpusData]] = {}
+_SETTINGS: dict[str, dict[str, Any]] = {}  # name -> modality, image size, features, rates
 TEXT_VOCABULARY = seqio.ByteVocabulary()
 
 
@@ -358,8 +362,16 @@ def register_dsi_tasks(
     seqio.preprocessors.append_eos,
     seqio.CacheDatasetPlaceholder(),
   ]
+  for task in _SETTINGS.get(name, {}).get("rates", {}):  # further tasks of an earlier register
+    seqio.TaskRegistry.remove(task)
   _REGISTERED[name] = get_data
   names = {"indexing": f"{name}_indexing", "retrieval": f"{name}_retrieval", "mixture": name}
+  _SETTINGS[name] = dict(
+    modality=modality,
+    image_size=image_size,
+    features=features,
+    rates={names["indexing"]: indexing_rate, names["retrieval"]: retrieval_rate},
+  )
   for task, splits in (("indexing", ("train",)), ("retrieval", corpus_lib.QUERY_SPLITS)):
     seqio.TaskRegistry.remove(names[task])
     seqio.TaskRegistry.add(
@@ -371,73 +383,54 @@ def register_dsi_tasks(
       preprocessors=preprocessors,
       output_features=features,
     )
-  seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(
-    name, [(names["indexing"], indexing_rate), (names["retrieval"], retrieval_rate)]
-  )
+  _register_mixture(name)
   return names
 
 
-class DSIFeatureConverter(seqio.FeatureConverter):
-  """Task features (`inputs`, `targets`[, `text_inputs`]) -> encoder-decoder model features.
+def _register_mixture(name: str) -> None:
+  seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, list(_SETTINGS[name]["rates"].items()))
 
-  `encoder_input_tokens` is the encoder input: int32 tokens for text, float32 pixels
-  `[size, size, 3]` for images (then its "length" is the image side). Decoder features are
-  t5x's: `decoder_target_tokens`, `decoder_input_tokens` (targets shifted right, pad first) and
-  `decoder_loss_weights`. No packing: every example is one (input, id) pair.
-  """
 
-  def __init__(self, modality: str = "image", pack: bool = False, **kwargs):
-    if pack:
-      raise ValueError("DSIFeatureConverter does not pack examples")
-    if modality not in MODALITIES:
-      raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-    self.modality = modality
-    spec = seqio.FeatureConverter.FeatureSpec
-    image = modality in ("image", "image+text")
-    inputs = spec(dtype=tf.float32, rank=3) if image else spec(dtype=tf.int32)
-    self.TASK_FEATURES = {"inputs": inputs, "targets": spec(dtype=tf.int32)}
-    self.MODEL_FEATURES = {
-      "encoder_input_tokens": inputs,
-      "decoder_target_tokens": spec(dtype=tf.int32),
-      "decoder_input_tokens": spec(dtype=tf.int32),
-      "decoder_loss_weights": spec(dtype=tf.int32),
-    }
-    if modality == "image+text":
-      self.TASK_FEATURES["text_inputs"] = spec(dtype=tf.int32)
-      self.MODEL_FEATURES["encoder_text_tokens"] = spec(dtype=tf.int32)
-    self.PACKING_FEATURE_DTYPES = {}
-    super().__init__(pack=False, **kwargs)
+def add_corpus_task(
+  name: str, suffix: str, preprocessors: list, *, rate: float, task: str = "indexing"
+) -> str:
+  """Registers NAME_<suffix>, the "train" examples of NAME's `task` ("indexing" or
+  "retrieval") through `preprocessors` (the last a `seqio.CacheDatasetPlaceholder`), and adds
+  it to the mixture NAME at `rate`. Returns the task's name. (`pseudo_queries` adds its task
+  this way.)"""
+  if name not in _SETTINGS:
+    raise ValueError(
+      f"no DSI corpus registered as {name!r}; known: {', '.join(sorted(_REGISTERED))}"
+    )
+  if rate <= 0:
+    raise ValueError(f"the rate of {name}_{suffix} in its mixture must be positive, got {rate}")
+  settings = _SETTINGS[name]
+  new = f"{name}_{suffix}"
+  seqio.TaskRegistry.remove(new)
+  seqio.TaskRegistry.add(
+    new,
+    source=seqio.FunctionDataSource(
+      functools.partial(
+        _dataset, _REGISTERED[name], task, settings["modality"], settings["image_size"]
+      ),
+      splits=("train",),
+    ),
+    preprocessors=preprocessors,
+    output_features=settings["features"],
+  )
+  settings["rates"][new] = rate
+  _register_mixture(name)
+  return new
 
-  def _convert_features(self, ds, task_feature_lengths):
-    lengths = dict(task_feature_lengths)
-    if self.modality != "text":
-      lengths.pop("inputs")  # images are not trimmed or padded
-    ds = self._pack_or_pad(ds, lengths)
 
-    def convert(ex):
-      out = {
-        "encoder_input_tokens": ex["inputs"],
-        "decoder_target_tokens": ex["targets"],
-        "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(ex["targets"]),
-        "decoder_loss_weights": seqio.non_padding_position(ex["targets"]),
-      }
-      if self.modality == "image+text":
-        out["encoder_text_tokens"] = ex["text_inputs"]
-      return out
-
-    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-
-  def get_model_feature_lengths(self, task_feature_lengths):
-    out = {
-      "encoder_input_tokens": task_feature_lengths["inputs"],
-      "decoder_target_tokens": task_feature_lengths["targets"],
-      "decoder_input_tokens": task_feature_lengths["targets"],
-      "decoder_loss_weights": task_feature_lengths["targets"],
-    }
-    if self.modality == "image+text":
-      out["encoder_text_tokens"] = task_feature_lengths["text_inputs"]
-    return out
+def corpus_modality(name: str) -> str:
+  """The modality NAME was registered with ("image", "text" or "image+text")."""
+  if name not in _SETTINGS:
+    raise ValueError(
+      f"no DSI corpus registered as {name!r}; known: {', '.join(sorted(_REGISTERED))}"
+    )
+  return _SETTINGS[name]["modality"]
 
 
 def corpus_data(name: str) -> CorpusData:
@@ -475,7 +468,8 @@ def retrieval_data(name: str, *, text_length: int | None = None):
   query's relevant rows come from its `relevant` feature, and a training query's examples
   (one per relevant item) are folded back into one query. Token inputs are cut or padded to
   `text_length` (default: the longest). For images indexed by captions ("image+text"), the
-  items are images and the queries are the captions' tokens.
+  items are images and the queries are the captions' tokens. Pseudo-queries, where the corpus
+  has them (`pseudo_queries.add_pseudo_queries`), follow the training queries.
   """
   from dsi_jax import batches
 
@@ -484,10 +478,14 @@ def retrieval_data(name: str, *, text_length: int | None = None):
   if [ex["key"].decode() for ex in index] != list(docids.keys):
     raise ValueError(f"{name}_indexing: items are not in id order")
   splits = {}
+  pseudo = f"{name}_pseudo_queries"
   for split in corpus_lib.QUERY_SPLITS:
     by_query: dict[bytes, dict] = {}
     for ex in _read(f"{name}_retrieval", split):
       by_query.setdefault(ex["key"], ex)
+    if split == "train" and pseudo in seqio.TaskRegistry.names():
+      for ex in _read(pseudo, "train"):
+        by_query.setdefault(ex["key"], ex)
     queries = list(by_query.values())
     # Captions of an image corpus are in `text_inputs` (`inputs` holds a blank image there).
     field = "text_inputs" if queries and "text_inputs" in queries[0] else "inputs"

@@ -12,6 +12,10 @@ Names are `dsi_jax_<corpus>_<ids>` (the mixture), `..._indexing` and `..._retrie
                                                       (MiniLM word pieces)
   dsi_jax_squad_{random,naive,atomic,semantic,rq}_spm the same corpus and ids in SentencePiece
                                                       tokens (the T5 path; see below)
+  dsi_jax_fmnist{512,2048}_{random,clustered}_pq4,   the same corpus and ids, plus 4
+  dsi_jax_squad_{atomic,semantic}_pq4                pseudo-queries per item (augmented
+                                                      views; sentences and word-piece spans)
+                                                      in NAME_pseudo_queries and the mixture
 
 Registering is free: a corpus is built on first use. Then the tfds dataset is prepared from
 local files (never downloaded) in the data dir, the corpus is sampled (seed 0) and saved with
@@ -48,6 +52,7 @@ from dsi_jax import docids as docids_lib
 from dsi_jax.data import corpus as corpus_lib
 from dsi_jax.data import spm as spm_lib
 from dsi_jax.tasks import core
+from dsi_jax.tasks.pseudo_queries import PseudoQueries, add_pseudo_queries
 
 SIZES = (512, 1024, 2048)
 NUM_CODES = 10
@@ -380,13 +385,15 @@ def register(
       `item_embeddings`).
     seed: sampling and id seed.
     name: task-name prefix (default `dsi_jax_<corpus><num_items>_<scheme>`, plus `_spm` for
-      SentencePiece tokens).
+      SentencePiece tokens and `_pq<n>` with `pseudo_queries`).
     corpus_dir: where the corpus and ids are saved (default under the data dir, in the folder
-      of the default name without `_spm`, so both tokenizers read the same corpus and ids).
+      of the default name without `_spm` or `_pq<n>`, so every variant reads the same corpus
+      and ids).
     location: the source folder or file (default: from the environment variable).
     tokenizer: for text corpora, "minilm" (MiniLM's WordPiece) or "sentencepiece" (a model
       trained on the corpus's documents, saved as `spm.model` in the corpus folder).
-    **kwargs: passed to `register_dsi_tasks` (e.g. `indexing_rate`, `retrieval_rate`).
+    **kwargs: passed to `register_dsi_tasks` (e.g. `indexing_rate`, `retrieval_rate`), and
+      `pseudo_queries`, a `PseudoQueries` for `add_pseudo_queries`.
   """
   if corpus not in SOURCES:
     raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(SOURCES)}")
@@ -398,9 +405,10 @@ def register(
   size = "" if num_items is None else str(num_items)
   default_name = f"dsi_jax_{corpus}{size}_{scheme}"
   folder_name = name or default_name
-  if name is None and tokenizer == "sentencepiece":
-    name = f"{default_name}_spm"
-  name = name or default_name
+  if name is None:  # the same corpus folder in other tokens, or with pseudo-queries
+    pseudo = kwargs.get("pseudo_queries")
+    name = default_name + ("_spm" if tokenizer == "sentencepiece" else "")
+    name += f"_pq{pseudo.per_item}" if pseudo is not None else ""
 
   def folder() -> str:
     return os.fspath(corpus_dir or os.path.join(data_dir(), "corpora", folder_name))
@@ -423,13 +431,17 @@ def register(
       kwargs["text_vocabulary"] = sentencepiece_vocabulary(build, folder, vocab_name)
     else:
       kwargs["text_vocabulary"] = minilm_vocabulary()
-  return core.register_dsi_tasks(
+  pseudo = kwargs.pop("pseudo_queries", None)
+  names = core.register_dsi_tasks(
     name,
     build,
     modality=source.modality,
     image_size=image_size,
     **kwargs,
   )
+  if pseudo is not None:
+    names["pseudo_queries"] = add_pseudo_queries(name, pseudo)
+  return names
 
 
 @functools.cache
@@ -446,3 +458,9 @@ def register_all() -> None:
   for scheme in ("random", "naive", "atomic", "semantic", "rq"):
     for tokenizer in TOKENIZERS:
       register("squad", num_items=None, scheme=scheme, tokenizer=tokenizer)
+  text, image = PseudoQueries(4), PseudoQueries(4, views=(("augment", 1.0),))
+  for size in (512, 2048):
+    for scheme in ("random", "clustered"):
+      register("fmnist", num_items=size, scheme=scheme, pseudo_queries=image)
+  for scheme in ("atomic", "semantic"):
+    register("squad", num_items=None, scheme=scheme, pseudo_queries=text)

@@ -146,6 +146,8 @@ def test_every_seed_setting_is_registered_and_a_gin_import_works():
       assert f"dsi_jax_imagefolder{size}_{ids}" in names
     assert f"dsi_jax_coco{size}_random" in names
   flickr = [f"dsi_jax_flickr{c}1k_{ids}" for c in ("8k", "30k") for ids in ("random", "semantic")]
+  assert {"dsi_jax_fmnist512_clustered_pq4", "dsi_jax_squad_atomic_pq4"} <= names
+  assert "dsi_jax_squad_atomic_pq4_pseudo_queries" in seqio.TaskRegistry.names()
   for name in (*flickr, "dsi_jax_squad_random"):
     assert name in names
     assert f"{name}_indexing" in seqio.TaskRegistry.names()

@@ -2,6 +2,7 @@
 
 # 1. read the SeqIO tasks and save each scheme's arrays (needs the data stack):
 DSI_JAX_SQUAD_FILE=path/to/dev-v1.1.json python tools/squad_dsi.py export --out squad_data
+# (--pseudo-queries 4: each paragraph's sentences and word-piece spans as more training queries)
 # 2. train (only JAX, Flax, optax, tokenizers and safetensors needed; a GPU helps):
 python tools/squad_dsi.py train --data squad_data --out squad_runs [--schemes semantic rq]
 # (--model t5 on both: SentencePiece pieces and T5-DSI trained from scratch;
@@ -31,6 +32,21 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True)
   p.add_argument("--schemes", nargs="+", default=None)
   p.add_argument("--model", choices=models, default="minilm", help=model_help)
+  p.add_argument(
+    "--pseudo-queries",
+    type=int,
+    default=0,
+    metavar="N",
+    help="N pseudo-queries per paragraph (its sentences and word-piece spans) after the "
+    "training questions",
+  )
+  p.add_argument(
+    "--views",
+    nargs="+",
+    choices=("sentence", "span"),
+    default=("sentence", "span"),
+    help="the pseudo-queries' views, drawn with equal weight",
+  )
   p = sub.add_parser("train", help="train MiniLM-DSI (or T5-DSI) for each scheme")
   p.add_argument("--data", required=True)
   p.add_argument("--out", required=True)
@@ -72,8 +88,14 @@ def main(argv=None) -> int:
 
   schemes = getattr(args, "schemes", None) or list(squad.SCHEMES)
   if args.command == "export":
+    from dsi_jax.tasks.pseudo_queries import PseudoQueries
+
+    pseudo = None
+    if args.pseudo_queries:
+      pseudo = PseudoQueries(args.pseudo_queries, views=tuple((v, 1.0) for v in args.views))
     for scheme in schemes:
-      squad.export(scheme, os.path.join(args.out, _folder(scheme, args.model)), model=args.model)
+      folder = os.path.join(args.out, _folder(scheme, args.model))
+      squad.export(scheme, folder, model=args.model, pseudo_queries=pseudo)
       print(f"exported {scheme} ({args.model})")
     return 0
   os.makedirs(args.out, exist_ok=True)

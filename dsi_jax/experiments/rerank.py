@@ -78,9 +78,13 @@ def load_questions(folder: str):
     raise ValueError(f"{folder}: exported before question texts were saved; export it again")
   keys = list(docids.keys)
   splits = {}
+  pseudo = squad.load_meta(folder).get("num_pseudo_queries", 0)
   for split in ("train", "test"):
     questions = texts[f"{split}_questions"]
-    relevant = [{keys[i] for i in r} for r in getattr(data, f"{split}_relevant")]
+    relevant = getattr(data, f"{split}_relevant")
+    if split == "train" and pseudo:  # the questions only, not the pseudo-queries after them
+      relevant = relevant[: len(relevant) - pseudo]
+    relevant = [{keys[i] for i in r} for r in relevant]
     if len(questions) != len(relevant):
       raise ValueError(f"{folder}: {len(questions)} {split} questions, {len(relevant)} labels")
     splits[split] = (questions, relevant)

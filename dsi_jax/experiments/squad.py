@@ -37,12 +37,19 @@ MODELS = ("minilm", "t5")  # MiniLM word pieces + MiniLM-DSI; SentencePiece + T5
 
 
 def export(
-  scheme: str, out_dir: str, *, text_length: int = TEXT_LENGTH, model: str = "minilm"
+  scheme: str,
+  out_dir: str,
+  *,
+  text_length: int = TEXT_LENGTH,
+  model: str = "minilm",
+  pseudo_queries=None,
 ) -> str:
   """Reads the SQuAD tasks of `scheme` and saves their arrays in `out_dir`; returns it.
 
   model: "minilm" (MiniLM word pieces) or "t5" (the corpus's SentencePiece pieces, the
   `dsi_jax_squad_<scheme>_spm` tasks).
+  pseudo_queries: a `tasks.PseudoQueries`: each paragraph's sentences and word-piece spans
+    follow the training questions (`tasks.add_pseudo_queries`).
   """
   import seqio
 
@@ -51,12 +58,17 @@ def export(
   if model not in MODELS:
     raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
   name = f"dsi_jax_squad_{scheme}" + ("_spm" if model == "t5" else "")
+  meta: dict[str, Any] = {"model": model, "pad_id": 0}
+  if pseudo_queries is not None:
+    tasks.add_pseudo_queries(name, pseudo_queries)
+    meta["pseudo_queries"] = dataclasses.asdict(pseudo_queries)
   data, docids = tasks.retrieval_data(name, text_length=text_length)
   corpus = tasks.corpus_data(name)
+  meta["num_pseudo_queries"] = len(data.train_inputs) - len(corpus.corpus.split("train"))
   vocab = seqio.get_mixture_or_task(f"{name}_indexing").output_features["inputs"].vocabulary
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "model.json"), "w") as f:
-    json.dump({"model": model, "vocab_size": vocab.vocab_size, "pad_id": 0}, f)
+    json.dump({**meta, "vocab_size": vocab.vocab_size}, f)
   arrays = {"index_inputs": data.index_inputs}
   for split in SPLITS:
     relevant = getattr(data, f"{split}_relevant")
@@ -77,6 +89,15 @@ def export(
       f,
     )
   return out_dir
+
+
+def load_meta(folder: str) -> dict[str, Any]:
+  """The folder's `model.json` (which model's tokens; pseudo-queries, if any)."""
+  path = os.path.join(folder, "model.json")
+  if not os.path.isfile(path):
+    return {"model": "minilm"}
+  with open(path) as f:
+    return json.load(f)
 
 
 def load_arrays(folder: str) -> tuple[RetrievalData, docids_lib.DocidMap]:
@@ -157,10 +178,7 @@ def run(
   folder into `workdir` (a run folder `dsi-jax search` opens); returns result rows (zero-shot
   and fine-tuned)."""
   data, docids = load_arrays(folder)
-  meta = {"model": "minilm"}
-  if os.path.isfile(os.path.join(folder, "model.json")):
-    with open(os.path.join(folder, "model.json")) as f:
-      meta = json.load(f)
+  meta = load_meta(folder)
   if config.max_eval_queries is not None:
     n = config.max_eval_queries
     for split in ("val", "test"):
@@ -204,6 +222,10 @@ def run(
     ids=docids.scheme,
     num_queries=len(data.test_inputs),
   )
+  if meta.get("num_pseudo_queries"):
+    for row in rows:  # e.g. "4 sentence/span"
+      pq = meta["pseudo_queries"]
+      row["pseudo_queries"] = f"{pq['per_item']} " + "/".join(v for v, _ in pq["views"])
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   return rows
 

@@ -106,8 +106,51 @@ def index_batches(data: RetrievalData, targets: np.ndarray, config: BatchConfig,
   return make_batch
 
 
+def ranking_candidates(
+  data: RetrievalData,
+  queries: np.ndarray,
+  positives: np.ndarray,
+  teacher: np.ndarray,
+  hard_negatives: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Each training query's candidates for the ranking loss, and the teacher's scores of them.
+
+  Row i: the query's target `positives[i]`, then the teacher's `hard_negatives` best-scored
+  items that are not relevant to it, then the other queries' targets of the batch (in-batch
+  negatives) that are neither relevant nor already listed; -1 pads. `teacher` is
+  `[training queries, items]`.
+  """
+  n, width = len(queries), 1 + hard_negatives + len(queries) - 1
+  candidates = np.full((n, width), -1, np.int64)
+  for i, (q, pos) in enumerate(zip(queries, positives)):
+    relevant = set(data.train_relevant[q].tolist())
+    row = teacher[q]
+    take = min(hard_negatives + len(relevant), len(row))
+    best = np.argpartition(-row, take - 1)[:take] if take else np.zeros(0, int)
+    best = best[np.argsort(-row[best], kind="stable")]
+    hard = [int(j) for j in best if int(j) not in relevant][:hard_negatives]
+    listed = {int(pos), *hard}
+    in_batch = []
+    for j in positives:
+      j = int(j)
+      if j not in relevant and j not in listed:
+        in_batch.append(j)
+        listed.add(j)
+    chosen = [int(pos), *hard, *in_batch]
+    candidates[i, : len(chosen)] = chosen
+  scores = np.take_along_axis(teacher[queries], np.maximum(candidates, 0), axis=1)
+  return candidates, np.where(candidates >= 0, scores, 0.0).astype(np.float32)
+
+
 def mixed_batches(
-  data: RetrievalData, targets: np.ndarray, config: BatchConfig, mesh, *, paired: bool = False
+  data: RetrievalData,
+  targets: np.ndarray,
+  config: BatchConfig,
+  mesh,
+  *,
+  paired: bool = False,
+  teacher: np.ndarray | None = None,
+  hard_negatives: int = 0,
 ):
   """Batches of query -> random relevant id, mixed with indexing examples (this host's rows).
 
@@ -116,12 +159,23 @@ def mixed_batches(
   indexing examples are the queries' own relevant items, row for row (for a contrastive loss
   between the towers); the rest of the item rows, if any, are drawn as usual. (`paired` applies
   to batches of two kinds only.)
+
+  With a `teacher` (`[training queries, items]` scores), batches also hold `candidates` and
+  `teacher` for the ranking loss (`ranking_candidates`; indexing rows have none). Queries and
+  items must then be of one kind.
   """
   n_ret = int(round(config.batch_size * config.retrieval_ratio / (1.0 + config.retrieval_ratio)))
   n_ret = min(max(n_ret, 1), config.batch_size)
   n_idx = config.batch_size - n_ret
   nq, n = len(data.train_inputs), len(data.index_inputs)
   mixed = same_kind(data) or n_idx == 0
+  if teacher is not None:
+    if not same_kind(data):
+      raise ValueError("the ranking loss needs queries and items of one kind (one input batch)")
+    if teacher.shape != (nq, n):
+      raise ValueError(
+        f"teacher scores are {teacher.shape}, not [training queries, items] = {(nq, n)}"
+      )
   if mixed:
     rows = partitioning.host_rows(config.batch_size, mesh)
   else:
@@ -144,6 +198,12 @@ def mixed_batches(
     is_query = (np.arange(config.batch_size) < n_ret)[rows]
     row, tgt = np.concatenate([q, idx])[rows], np.concatenate([rel, idx])[rows]
     inputs = np.concatenate([data.train_inputs[row[is_query]], data.index_inputs[row[~is_query]]])
-    return {"inputs": inputs, "targets": targets[tgt]}
+    batch = {"inputs": inputs, "targets": targets[tgt]}
+    if teacher is not None:
+      cands, scores = ranking_candidates(data, q, rel, teacher, hard_negatives)
+      pad = np.full((n_idx, cands.shape[1]), -1, np.int64)
+      batch["candidates"] = np.concatenate([cands, pad])[rows].astype(np.int32)
+      batch["teacher"] = np.concatenate([scores, np.zeros(pad.shape, np.float32)])[rows]
+    return batch
 
   return make_batch

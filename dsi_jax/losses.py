@@ -117,3 +117,39 @@ def infonce_loss(
   text_to_image = jax.nn.logsumexp(logits, axis=1) - positive
   image_to_text = jax.nn.logsumexp(logits, axis=0) - positive
   return 0.5 * (text_to_image.mean() + image_to_text.mean())
+
+
+# ----------------------------------------------------------------------------- ranking
+
+
+def listwise_distillation(
+  student: jax.Array, teacher: jax.Array, mask: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+  """Listwise distillation: KL(teacher || student) of each row's softmax over its candidates.
+
+  Args:
+    student: `[batch, candidates]` the student's log-scores (e.g. id log-likelihoods); its
+      softmax is taken as they are.
+    teacher: `[batch, candidates]` the teacher's scores (e.g. a dual encoder's cosines);
+      its softmax is of `teacher / temperature`.
+    mask: `[batch, candidates]` which candidates count; a row with fewer than two (nothing to
+      rank, e.g. an indexing example) is left out of the mean.
+    temperature: the teacher's softmax temperature.
+
+  Returns:
+    The mean KL over the rows that rank (0 where none does), float32.
+  """
+  if student.shape != teacher.shape or student.shape != mask.shape or student.ndim != 2:
+    raise ValueError(
+      f"student, teacher and mask must be one [batch, candidates] shape, got "
+      f"{student.shape}, {teacher.shape}, {mask.shape}"
+    )
+  mask = mask.astype(bool)
+  # masked candidates get a large finite negative, not -inf: no NaN in values or gradients
+  t = jnp.where(mask, teacher.astype(jnp.float32) / temperature, -1e9)
+  s = jnp.where(mask, student.astype(jnp.float32), -1e9)
+  ranks = mask.sum(axis=-1) >= 2
+  log_p = jax.nn.log_softmax(t, axis=-1)
+  log_q = jax.nn.log_softmax(s, axis=-1)
+  kl = jnp.sum(jnp.where(mask, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=-1)
+  return jnp.sum(jnp.where(ranks, kl, 0.0)) / jnp.maximum(ranks.sum(), 1)

@@ -13,6 +13,7 @@ command line (`dsi_jax.cli`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -77,13 +78,20 @@ class TrainConfig:
   # Learning-rate factors of parameter subtrees, `((path, factor), ...)`, e.g.
   # `(("encoder", 0.1),)` for a pretrained text encoder under fresh decoder layers.
   lr_multipliers: tuple[tuple[str, float], ...] = ()
+  # Ranking loss of the fine-tuning phase (`train_dsi(teacher=...)`): listwise distillation
+  # from a teacher's scores over each training query's target, `rank_hard_negatives` of the
+  # teacher's best-scored other items and the batch's other targets, added with `rank_weight`
+  # (0: off), teacher softmax at `rank_temperature`.
+  rank_weight: float = 0.0
+  rank_temperature: float = 0.05
+  rank_hard_negatives: int = 15
 
   def __post_init__(self):
     """Bad values are one-line errors here, before anything is written."""
     positive = ("batch_size", "eval_batch_size", "index_eval_every", "finetune_eval_every")
     positive += ("ia_beams", "max_to_keep")
     counts = ("warmup_steps", "index_max_steps", "index_min_steps", "finetune_max_steps")
-    counts += ("patience", "checkpoint_every", "freeze_steps", "seed")
+    counts += ("patience", "checkpoint_every", "freeze_steps", "seed", "rank_hard_negatives")
     for name in positive + counts:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool):
@@ -91,7 +99,8 @@ class TrainConfig:
       if value < (1 if name in positive else 0):
         bound = ">= 1" if name in positive else ">= 0"
         raise errors.UserError(f"TrainConfig.{name} must be {bound}, got {value}")
-    for name in ("learning_rate", "weight_decay", "retrieval_ratio", "index_target_accuracy"):
+    numbers = ("learning_rate", "weight_decay", "retrieval_ratio", "index_target_accuracy")
+    for name in (*numbers, "rank_weight", "rank_temperature"):
       value = getattr(self, name)
       if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
         raise errors.UserError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
@@ -214,14 +223,16 @@ def run_phase(
   checkpoints: checkpoints_lib.PhaseCheckpoints | None = None,
   writer=None,
   show_progress: bool = True,
+  loss_fn: Callable | None = None,
 ) -> PhaseResult:
   """A plain loop: step, log, evaluate every `eval_every`, keep the best params, checkpoint.
 
   `make_batch(i)` gives this host's rows of the phase's batch `i`. With `checkpoints`, the
-  phase resumes from its latest checkpoint (a finished phase returns at once).
+  phase resumes from its latest checkpoint (a finished phase returns at once). `loss_fn`
+  defaults to `model.loss_fn`.
   """
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-  train_step = make_train_step(model.loss_fn, state_shardings, mesh)
+  train_step = make_train_step(loss_fn or model.loss_fn, state_shardings, mesh)
   progress = checkpoints_lib.Progress(rng=np.asarray(jax.random.key_data(rng)).tolist())
   best_params = None
   if checkpoints is not None:
@@ -341,6 +352,7 @@ def train_dsi(
   spec: Any = None,
   init_params: Any = None,
   embedding_rows: tuple[Any, Any] | None = None,
+  teacher: np.ndarray | None = None,
 ) -> dict[str, Any]:
   """Runs indexing then (if `finetune`) retrieval fine-tuning; returns both phases' results.
 
@@ -360,12 +372,16 @@ def train_dsi(
     embeddings (`embedding_ids`) starts with each item's row from `data.index_inputs`, or
     from `embedding_rows = (inputs, item of each row)` (e.g. the training captions of each
     image, where only the text side starts aligned).
+  teacher: `[training queries, items]` scores of a teacher (a dual encoder's cosines, BM25)
+    for the ranking loss of the fine-tuning phase (`config.rank_weight`).
   """
   if finetune and "map@10" not in config.eval_metrics:
     raise ValueError(
       f"TrainConfig.eval_metrics {config.eval_metrics} lacks 'map@10', which selects the "
       "fine-tuned step and stops early"
     )
+  if (config.rank_weight > 0) != (teacher is not None):
+    raise ValueError("TrainConfig.rank_weight > 0 and a teacher's scores go together")
   mesh = mesh or config.make_mesh()
   partitioning.host_rows(config.batch_size, mesh)  # a clear error now, not after indexing
   rng = jax.random.PRNGKey(config.seed)
@@ -388,6 +404,8 @@ def train_dsi(
     fingerprint = workdir_lib.run_fingerprint(model, state.params, config, finetune, data)
     if spec is not None:
       fingerprint["spec_sha256"] = spec.sha256()
+    if teacher is not None:
+      fingerprint["teacher_sha256"] = workdir_lib.arrays_sha256(teacher)
     resuming = workdir_lib.prepare(workdir, fingerprint)
     if resuming:
       log.info("Resuming the run in %s", workdir)
@@ -452,7 +470,15 @@ def train_dsi(
         model,
         index.state,
         phase="retrieval",
-        make_batch=mixed_batches(data, targets, config, mesh, paired=model.contrastive_weight > 0),
+        make_batch=mixed_batches(
+          data,
+          targets,
+          config,
+          mesh,
+          paired=model.contrastive_weight > 0,
+          teacher=teacher,
+          hard_negatives=config.rank_hard_negatives,
+        ),
         num_steps=config.finetune_max_steps,
         eval_every=config.finetune_eval_every,
         evaluate_fn=lambda p: evaluate(model, p, data, config=config, splits=("val",)),
@@ -464,6 +490,11 @@ def train_dsi(
         checkpoints=phase_checkpoints.get("fine_tuned"),
         writer=writer,
         show_progress=show_progress,
+        loss_fn=functools.partial(
+          model.loss_fn,
+          rank_weight=config.rank_weight,
+          rank_temperature=config.rank_temperature,
+        ),
       )
       test = evaluate(model, ft.state.params, data, config=config, splits=("test",), index=True)
       results["fine_tuned"] = _phase_summary(ft, test)

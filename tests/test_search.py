@@ -155,14 +155,19 @@ def test_squad_run_with_ids_from_embeddings_is_searchable(tmp_path, capsys):
   folder = squad_folder(tmp_path / "data")
   config = squad.SquadConfig(
     train=train_lib.TrainConfig(
-      **TINY_TRAIN, ranking="exact", eval_metrics=("map@10", *squad.METRICS)
+      **TINY_TRAIN, ranking="exact", eval_metrics=("map@10", *squad.METRICS), rank_weight=1.0
     ),
     frozen_encoder=True,
     embedding_ids=True,
     embedding_rows="paragraph",
+    teacher="dual_encoder",  # and the ranking loss distilling the dual encoder
   )
   rows = squad.run(str(folder), str(tmp_path / "run"), config=config, show_progress=False)
-  assert rows[0]["model"] == "minilm_dsi_frozen_encoder_embedding_ids_of_paragraphs"
+  assert rows[0]["model"] == (
+    "minilm_dsi_frozen_encoder_embedding_ids_of_paragraphs_distilled_from_dual_encoder"
+  )
+  with pytest.raises(ValueError, match="teacher and TrainConfig.rank_weight"):
+    dataclasses.replace(config, teacher=None)
   assert runs.load_spec(str(tmp_path / "run")).kwargs == {"frozen": True, "embedding_ids": True}
   with pytest.raises(ValueError, match="embedding_rows"):
     squad.run(

@@ -7,7 +7,8 @@ DSI_JAX_SQUAD_FILE=path/to/dev-v1.1.json python tools/squad_dsi.py export --out 
 python tools/squad_dsi.py train --data squad_data --out squad_runs [--schemes semantic rq]
 # (--model t5 on both: SentencePiece pieces and T5-DSI trained from scratch;
 #  --frozen-encoder: MiniLM frozen, its outputs computed once, the decoder trained: CPU-sized;
-#  --embedding-ids: atomic ids that start from MiniLM's paragraph embeddings)
+#  --embedding-ids: atomic ids that start from MiniLM's paragraph embeddings;
+#  --teacher dual_encoder: a ranking loss distilling the dual encoder's scores)
 # 3. baselines on the same test questions, then one table:
 python tools/squad_dsi.py baselines --data squad_data --out squad_runs
 python tools/squad_dsi.py table --out squad_runs
@@ -72,6 +73,19 @@ def main(argv=None) -> int:
     help="with --embedding-ids: rows from the indexing input (64 word pieces) or from the "
     "whole paragraph (--frozen-encoder)",
   )
+  p.add_argument(
+    "--teacher",
+    choices=("dual_encoder",),
+    default=None,
+    help="ranking loss (--frozen-encoder): distil the zero-shot MiniLM dual encoder's scores",
+  )
+  p.add_argument("--rank-weight", type=float, default=1.0, help="with --teacher: its weight")
+  p.add_argument(
+    "--rank-hard-negatives", type=int, default=15, help="with --teacher: the teacher's best"
+  )
+  p.add_argument(
+    "--rank-temperature", type=float, default=0.05, help="with --teacher: its softmax's"
+  )
   p.add_argument("--index-steps", type=int, default=None, help="cap of the indexing phase")
   p.add_argument("--finetune-steps", type=int, default=None, help="cap of the fine-tuning phase")
   p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
@@ -113,14 +127,23 @@ def main(argv=None) -> int:
     ):
       if value is not None:
         config = dataclasses.replace(config, **{field: value})
+    if args.teacher:
+      config = dataclasses.replace(
+        config,
+        rank_weight=args.rank_weight,
+        rank_hard_negatives=args.rank_hard_negatives,
+        rank_temperature=args.rank_temperature,
+      )
     suffix = ("_frozen" if args.frozen_encoder else "") + ("_embids" if args.embedding_ids else "")
     if args.embedding_ids and args.embedding_rows != "index":
       suffix += f"_{args.embedding_rows}"
+    suffix += f"_distilled_w{args.rank_weight:g}" if args.teacher else ""
     run_config = squad.SquadConfig(
       train=config,
       frozen_encoder=args.frozen_encoder,
       embedding_ids=args.embedding_ids,
       embedding_rows=args.embedding_rows,
+      teacher=args.teacher,
       minilm_path=args.minilm,
       max_eval_queries=64 if args.quick else None,
       # A smoke run: a tiny T5 (T5.1.1 small is 48M parameters, slow on a CPU).

@@ -125,6 +125,9 @@ class SquadConfig:
   embedding_rows: where those embeddings come from: "index", the indexing input (the first
     64 word pieces); "paragraph" (frozen encoder), the whole paragraph as the dual encoder
     embeds it (up to 256 word pieces).
+  teacher: "dual_encoder" (frozen encoder): the ranking loss (`train.rank_weight`) distils the
+    zero-shot MiniLM dual encoder's scores of each training query (questions and
+    pseudo-queries, mean-pooled MiniLM outputs) against whole-paragraph embeddings.
   """
 
   train: train_lib.TrainConfig = train_lib.TrainConfig()
@@ -134,8 +137,15 @@ class SquadConfig:
   minilm_path: str | None = None
   embedding_ids: bool = False
   embedding_rows: str = "index"
+  teacher: str | None = None
 
   def __post_init__(self):
+    if (self.teacher is not None) != (self.train.rank_weight > 0):
+      raise ValueError("SquadConfig.teacher and TrainConfig.rank_weight > 0 go together")
+    if self.teacher not in (None, "dual_encoder"):
+      raise ValueError(f"SquadConfig.teacher must be 'dual_encoder', not {self.teacher!r}")
+    if self.teacher and not self.frozen_encoder:
+      raise ValueError("SquadConfig.teacher needs the frozen encoder (its outputs embed queries)")
     if self.embedding_rows not in ("index", "paragraph"):
       raise ValueError(
         f"SquadConfig.embedding_rows must be 'index' or 'paragraph', not {self.embedding_rows!r}"
@@ -190,16 +200,19 @@ def run(
     data = batches.encode_data(
       data, model.input_encoder, encoder="all-MiniLM-L6-v2", show_progress=show_progress
     )
-  embedding_rows = None
-  if config.embedding_ids and config.embedding_rows == "paragraph":
-    # each paragraph's row from its whole text (MiniLM reads up to 256 word pieces), the
-    # embedding the dual encoder ranks by; the indexing input keeps the first 64
+  embedding_rows, teacher = None, None
+  if (config.embedding_ids and config.embedding_rows == "paragraph") or config.teacher:
+    # each paragraph's embedding from its whole text (MiniLM reads up to 256 word pieces), as
+    # the dual encoder ranks by; the indexing input keeps the first 64
     from dsi_jax.models import text
 
     with open(os.path.join(folder, "texts.json")) as f:
       documents = json.load(f)["documents"]
     vectors = text.embed_texts(*text.load_minilm(config.minilm_path), documents)
-    embedding_rows = (vectors[:, None, :], None)  # one "token" each: its own mean
+    if config.embedding_ids and config.embedding_rows == "paragraph":
+      embedding_rows = (vectors[:, None, :], None)  # one "token" each: its own mean
+    if config.teacher:
+      teacher = _pooled_unit(data.train_inputs) @ vectors.T
   t0 = time.time()
   result = train_lib.train_dsi(
     model,
@@ -209,6 +222,7 @@ def run(
     show_progress=show_progress,
     spec=spec,
     embedding_rows=embedding_rows,
+    teacher=teacher,
   )
   rows = results.phase_rows(
     result,
@@ -216,7 +230,8 @@ def run(
     model=f"{meta['model']}_dsi"
     + ("_frozen_encoder" if config.frozen_encoder else "")
     + ("_embedding_ids" if config.embedding_ids else "")
-    + ("_of_paragraphs" if config.embedding_ids and config.embedding_rows == "paragraph" else ""),
+    + ("_of_paragraphs" if config.embedding_ids and config.embedding_rows == "paragraph" else "")
+    + (f"_distilled_from_{config.teacher}" if config.teacher else ""),
     dataset="squad_v1.1_dev",
     db_size=len(docids),
     ids=docids.scheme,
@@ -228,6 +243,18 @@ def run(
       row["pseudo_queries"] = f"{pq['per_item']} " + "/".join(v for v, _ in pq["views"])
   rows[-1]["total_seconds"] = round(time.time() - t0, 1)
   return rows
+
+
+def _pooled_unit(encoded: np.ndarray, batch: int = 4096) -> np.ndarray:
+  """Unit mean-pooled rows of frozen MiniLM outputs `[n, length, width]` (padding is zero):
+  all-MiniLM-L6-v2's sentence embeddings of those tokens."""
+  out = []
+  for i in range(0, len(encoded), batch):
+    x = np.asarray(encoded[i : i + batch], np.float32)
+    mask = np.any(x != 0, axis=-1, keepdims=True)
+    v = (x * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    out.append(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+  return np.concatenate(out)
 
 
 class MiniLMDualEncoder:

@@ -16,7 +16,13 @@ import numpy as np
 from dsi_jax import decoding, partitioning
 from dsi_jax import docids as docids_lib
 from dsi_jax import trie as trie_lib
-from dsi_jax.losses import infonce_loss, l2_normalize, shift_right, token_log_likelihood
+from dsi_jax.losses import (
+  infonce_loss,
+  l2_normalize,
+  listwise_distillation,
+  shift_right,
+  token_log_likelihood,
+)
 from dsi_jax.models.decoder import DocidDecoder, pool
 from dsi_jax.models.vit import ViT
 
@@ -304,8 +310,22 @@ class DSIModel:
     return {**params, "decoder": decoder}
 
   # -- the model contract ------------------------------------------------------------------
-  def loss_fn(self, params: Params, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None):
-    """Token cross-entropy over id tokens and eos. Returns `(loss, aux metrics)`."""
+  def loss_fn(
+    self,
+    params: Params,
+    batch: Mapping[str, jax.Array],
+    dropout_rng: jax.Array | None,
+    *,
+    rank_weight: float = 0.0,
+    rank_temperature: float = 0.05,
+  ):
+    """Token cross-entropy over id tokens and eos. Returns `(loss, aux metrics)`.
+
+    With `rank_weight` and a batch holding `candidates` (`[batch, C]` item rows, -1 for
+    none) and `teacher` (`[batch, C]` a teacher's scores of them), a listwise distillation
+    loss (`losses.listwise_distillation`, teacher softmax at `rank_temperature`) of the
+    model's id log-likelihoods of the candidates is added with that weight.
+    """
     train = dropout_rng is not None
     rngs = {"dropout": dropout_rng} if train else {}
     parts = batch["targets"]
@@ -324,8 +344,34 @@ class DSIModel:
       contrastive = self._contrastive_loss(enc_aux["pooled"], parts)
       loss = loss + self.contrastive_weight * contrastive
       aux["contrastive_loss"] = contrastive
+    if rank_weight > 0 and "candidates" in batch:
+      candidates = batch["candidates"]
+      student = self._candidate_scores(apply, encoded, logits, candidates)
+      rank = listwise_distillation(student, batch["teacher"], candidates >= 0, rank_temperature)
+      loss = loss + rank_weight * rank
+      aux["rank_loss"] = rank
     aux["loss"] = loss
     return loss, aux
+
+  def _candidate_scores(self, apply, encoded, logits, candidates) -> jax.Array:
+    """`[batch, C]` log-likelihood of each candidate's id (rows -1: any finite value).
+
+    Atomic ids (one code, then eos) read the first position's log-softmax, which does not
+    depend on the target: one decoder pass scores every candidate, and it is the score the
+    trie-constrained search ranks by. Longer ids are teacher-forced once per candidate.
+    """
+    rows = jnp.maximum(candidates, 0)
+    if self.docids.scheme == "atomic":
+      codes = self.all_targets[:, 0][rows]  # [batch, C]
+      first = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
+      return jnp.take_along_axis(first, codes, axis=-1)
+    b, c = candidates.shape
+    tokens = self.all_targets[rows].reshape(b * c, -1)
+    repeated = jax.tree.map(lambda x: jnp.repeat(x, c, axis=0), encoded)
+    ll = token_log_likelihood(
+      apply(repeated, shift_right(tokens), method=DSINetwork.decode), tokens
+    )
+    return ll.sum(axis=-1).reshape(b, c)
 
   def _contrastive_loss(self, pooled: jax.Array, parts) -> jax.Array:
     """InfoNCE between the first rows of the two parts (query i pairs with item i)."""

@@ -154,25 +154,25 @@ class CrossEncoderScorer:
       raise ValueError("CrossEncoderScorer needs item_texts, item_features or both")
 
   def score(self, queries: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """The pairs of all queries, flattened and cut into device calls of `query_batch` x the
+    longest list pairs (one shape, full calls): a call costs its real pairs, also where most
+    lists are short (e.g. the pairs a `CachedScorer` still lacks)."""
     if len(queries) != len(candidates):
       raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
     width = max((len(c) for c in candidates), default=0)
-    out: list[np.ndarray] = []
-    starts = range(0, len(queries), self.query_batch)
+    pairs = [(q, key) for q, c in zip(queries, candidates) for key in c]
+    chunk = self.query_batch * max(width, 1)
+    starts = range(0, len(pairs), chunk)
     many = self.show_progress and len(starts) > 1
+    logits = [np.zeros(0, np.float32)]
     for start in tqdm(starts, desc="cross-encoding", leave=False, disable=not many):
-      qs = list(queries[start : start + self.query_batch])
-      cs = [list(c) for c in candidates[start : start + self.query_batch]]
-      pairs = [(q, key) for q, c in zip(qs, cs) for key in c]
-      num_real = len(pairs)
-      if not num_real:
-        out.extend(np.zeros(0, np.float32) for _ in cs)
-        continue
-      pairs += [pairs[0]] * (self.query_batch * width - num_real)  # one shape per batch size
-      logits = self.score_pairs(pairs)[:num_real]
-      offsets = np.cumsum([0] + [len(c) for c in cs])
-      out.extend(logits[a:b] for a, b in zip(offsets[:-1], offsets[1:]))
-    return out
+      part = pairs[start : start + chunk]
+      num_real = len(part)
+      part += [part[0]] * (chunk - num_real)  # one shape per batch size
+      logits.append(self.score_pairs(part)[:num_real])
+    flat = np.concatenate(logits)
+    offsets = np.cumsum([0] + [len(c) for c in candidates])
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
   def pair_inputs(self, pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
     """The network's inputs for (query text, item key) pairs."""

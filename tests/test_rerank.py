@@ -161,13 +161,20 @@ def test_batched_scoring_equals_one_pair_at_a_time(minilm):
     "b": "bananas are yellow",
     "c": "rust is a language",
   }
-  scorer = rerank.CrossEncoderScorer(model, params, tokenizer, item_texts=texts, query_batch=2)
   queries = ["where is the tower", "what colour are bananas", "a systems language"]
-  candidates = [["a", "b", "c"], ["c"], ["b", "a"]]
-  batched = scorer.score(queries, candidates)
-  for q, c, got in zip(queries, candidates, batched):
-    alone = [scorer.score_pairs([(q, key)])[0] for key in c]
-    np.testing.assert_allclose(got, alone, atol=1e-5)
+  # lists of other lengths; with query_batch 1 a device call holds pairs of two queries
+  for query_batch, candidates in [
+    (2, [["a", "b", "c"], ["c"], ["b", "a"]]),
+    (1, [["a", "b"], ["c", "a", "b"], ["b"]]),
+  ]:
+    scorer = rerank.CrossEncoderScorer(
+      model, params, tokenizer, item_texts=texts, query_batch=query_batch
+    )
+    batched = scorer.score(queries, candidates)
+    assert [len(b) for b in batched] == [len(c) for c in candidates]
+    for q, c, got in zip(queries, candidates, batched):
+      alone = [scorer.score_pairs([(q, key)])[0] for key in c]
+      np.testing.assert_allclose(got, alone, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- training

@@ -65,11 +65,16 @@ def run_fingerprint(
   config, the ids, the data (inputs and relevance of every split) and the shapes of the
   model's `params`.
 
-  The mesh is left out on purpose: a run preempted on one mesh may resume on another.
+  The mesh is left out on purpose: a run preempted on one mesh may resume on another. So are
+  the ranking loss's settings while it is off (`rank_weight` 0): they change nothing then, and
+  run folders written before they existed still resume.
   """
   settings = dataclasses.asdict(config)
   for name in ("mesh_data", "mesh_fsdp", "mesh_model", "checkpoint_every", "max_to_keep"):
     settings.pop(name)
+  if not settings.get("rank_weight"):
+    for name in ("rank_weight", "rank_temperature", "rank_hard_negatives"):
+      settings.pop(name, None)
   return {
     "train_config": settings,
     "finetune": finetune,

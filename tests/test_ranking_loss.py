@@ -137,3 +137,19 @@ def test_training_with_the_ranking_loss_follows_the_teacher():
   # the teacher's item is in the top 2 of most queries; by chance 2 / 24, and measured with
   # the id loss alone (rank_weight 0, same steps) 0.07, with the ranking loss 0.53
   assert np.mean([(q + 1) % N in row for q, row in zip(queries, top)]) > 0.4
+
+
+def test_the_ranking_settings_enter_the_run_fingerprint_only_when_the_loss_is_on():
+  from dsi_jax import train as train_lib
+  from dsi_jax import workdir
+
+  docids = docids_lib.atomic_ids([f"doc{i}" for i in range(4)])
+  model = model_of(docids)
+  params = model.init(jax.random.PRNGKey(0), (1, 6, 16))
+  off = workdir.run_fingerprint(model, params, train_lib.TrainConfig(), True)
+  off_too = workdir.run_fingerprint(
+    model, params, train_lib.TrainConfig(rank_hard_negatives=3), True
+  )
+  on = workdir.run_fingerprint(model, params, train_lib.TrainConfig(rank_weight=1.0), True)
+  assert "rank_weight" not in off["train_config"] and off == off_too  # inert: same run
+  assert on["train_config"]["rank_weight"] == 1.0 and on != off

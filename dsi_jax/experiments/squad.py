@@ -248,12 +248,12 @@ def run(
 def _pooled_unit(encoded: np.ndarray, batch: int = 4096) -> np.ndarray:
   """Unit mean-pooled rows of frozen MiniLM outputs `[n, length, width]` (padding is zero):
   all-MiniLM-L6-v2's sentence embeddings of those tokens."""
+  from dsi_jax.losses import l2_normalize, mean_pool
+
   out = []
   for i in range(0, len(encoded), batch):
     x = np.asarray(encoded[i : i + batch], np.float32)
-    mask = np.any(x != 0, axis=-1, keepdims=True)
-    v = (x * mask).sum(1) / np.maximum(mask.sum(1), 1)
-    out.append(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+    out.append(np.asarray(l2_normalize(mean_pool(x, np.any(x != 0, axis=-1)))))
   return np.concatenate(out)
 
 

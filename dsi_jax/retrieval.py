@@ -51,6 +51,12 @@ def rows_to_keys(
   return ranked, top
 
 
+def padded_size(n: int, batch_size: int) -> int:
+  """The rows a batch of `n` queries is padded to: the next power of two, at most
+  `batch_size` (few shapes to compile, little wasted work on short batches)."""
+  return n if n >= batch_size else min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
 @dataclasses.dataclass
 class DSIRetriever:
   """A trained DSI model behind the Retriever protocol.
@@ -58,7 +64,9 @@ class DSIRetriever:
   model: a `dsi_jax.models.dsi.DSIModel` (its DocidMap and trie); params: its parameters.
   method: "beam" (trie-constrained beam search with `num_beams` >= k), "exact" (every id scored,
     teacher-forced) or "auto" (exact up to the model's `exact_max_ids` ids).
-  batch_size: queries per device call; the last batch is padded to it (one compilation).
+  batch_size: queries per device call. A shorter batch (the last one, or a single query from
+    the CLI or the web page) is padded to the next power of two only: at most
+    log2(batch_size) + 1 compilations, and one query never pays for `batch_size`.
   encode_inputs: applied to each batch of model inputs first (a frozen encoder's
     `model.input_encoder`, when queries arrive as tokens).
   Queries are model inputs (pixels in [-1, 1], token ids, or whatever the network reads);
@@ -88,7 +96,7 @@ class DSIRetriever:
     mesh = partitioning.array_mesh(self.params)
     for start in range(0, n, self.batch_size):
       chunk = np.asarray(inputs[start : start + self.batch_size])
-      pad = self.batch_size - len(chunk)  # fixed shapes: one compilation
+      pad = padded_size(len(chunk), self.batch_size) - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
       if self.encode_inputs is not None:
@@ -96,8 +104,8 @@ class DSIRetriever:
       # On several processes, each computes its share of the batch's rows; all get the ranking.
       chunk = partitioning.shared_rows(np.asarray(chunk), mesh)
       it, sc = self.model.rank(self.params, chunk, k, method=self.method, num_beams=self.num_beams)
-      items.append(it[: self.batch_size - pad])
-      scores.append(sc[: self.batch_size - pad])
+      items.append(it[: len(it) - pad])
+      scores.append(sc[: len(sc) - pad])
     if not items:
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     return np.concatenate(items), np.concatenate(scores)

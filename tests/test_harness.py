@@ -68,6 +68,23 @@ def test_dsi_retriever_answers_like_the_model_ranks():
   assert values == {"hits@1": 1.0, "ia@1": 1.0}
 
 
+def test_short_batches_are_padded_to_a_power_of_two_only():
+  assert [retrieval.padded_size(n, 64) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
+  model, params = make_test_model()
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), (3, 8, 8, 1)))
+  seen = []
+
+  def encode(x):
+    seen.append(len(x))
+    return x
+
+  r = retrieval.DSIRetriever(model, params, method="exact", batch_size=64, encode_inputs=encode)
+  ranked, _ = r.search(images[:1], 4)
+  alone, _ = r.search(images, 4)
+  assert seen == [1, 4]  # not 64 rows for one query
+  assert ranked[0] == alone[0]
+
+
 def test_aggregate_keeps_every_metric_it_is_given():
   rows = [
     results.make_row(

@@ -5,7 +5,8 @@ largest k the metrics need, and computes the named metrics (`dsi_jax.metrics`). 
 "ia@k" (indexing accuracy) need `index=`: the indexed items themselves as queries, each
 relevant to its own key only; they may be ranked by another retriever (`index_retriever`, e.g.
 DSI's constrained beam search where the queries are scored exactly). Every experiment, the
-trainer's validation and every baseline go through here.
+trainer's validation and every baseline go through here. `evaluate_splits` is the trainer's
+view: the splits of a `batches.RetrievalData`, with a loss from the relevant ids' scores.
 """
 
 from __future__ import annotations
@@ -70,3 +71,36 @@ def evaluate(
   if with_ranking:
     return values, ranked, scores
   return values
+
+
+def evaluate_splits(
+  retriever: Retriever,
+  data: Any,
+  metrics: Sequence[str],
+  *,
+  splits: Sequence[str] = ("val",),
+  index_retriever: Retriever | None = None,
+) -> dict[str, float]:
+  """IA@1 / IA@5 of `index_retriever` on the indexed items (when given) and `metrics` plus a
+  loss on each split of `data` (a `batches.RetrievalData`; keys `"<split>/<metric>"`).
+
+  The loss is -log of the probability mass on the relevant ids within the top k: the
+  retrieval loss a generative retriever's validation can track.
+  """
+  out: dict[str, float] = {}
+  if index_retriever is not None:
+    out.update(evaluate(index_retriever, None, [], ("ia@1", "ia@5"), index=data.index_inputs))
+  keys = retriever.keys
+  for split in splits:
+    relevant = [{keys[i] for i in r} for r in getattr(data, f"{split}_relevant")]
+    values, ranked, scores = evaluate(
+      retriever, getattr(data, f"{split}_inputs"), relevant, metrics, with_ranking=True
+    )
+    out.update({f"{split}/{name}": value for name, value in values.items()})
+    mass = [
+      np.logaddexp.reduce([s for key, s in zip(row, sc) if key in rel] or [-np.inf])
+      for row, sc, rel in zip(ranked, scores, relevant)
+    ]
+    finite = [m for m in mass if np.isfinite(m)]
+    out[f"{split}/loss"] = float(-np.mean(finite)) if finite else float("nan")
+  return out

@@ -153,47 +153,18 @@ def evaluate(
   splits: Sequence[str] = ("val",),
   index: bool = True,
 ) -> dict[str, float]:
-  """IA@1 / IA@5 on the indexed items and `config.eval_metrics` (and a loss) on query splits,
-  through the evaluation harness.
-
-  IA@k is measured with the constrained beam search (`config.ia_beams` beams); the query
-  rankings with `config.ranking` (exact scoring of every id for small corpora, which is
-  what beam search gives with beams >= number of ids).
-  """
+  """The trainer's evaluation (`evaluation.evaluate_splits`): query rankings by
+  `config.ranking`, IA@1 / IA@5 by the constrained beam search with `config.ia_beams` beams."""
   retriever = retrieval.DSIRetriever(
     model, params, method=config.ranking, batch_size=config.eval_batch_size
   )
-  out: dict[str, float] = {}
-  if index:
-    out.update(
-      evaluation.evaluate(
-        retriever,
-        None,
-        [],
-        ("ia@1", "ia@5"),
-        index=data.index_inputs,
-        index_retriever=retriever.with_search("beam", config.ia_beams),
-      )
-    )
-  keys = model.docids.keys
-  for split in splits:
-    relevant = [{keys[i] for i in r} for r in getattr(data, f"{split}_relevant")]
-    values, ranked, scores = evaluation.evaluate(
-      retriever,
-      getattr(data, f"{split}_inputs"),
-      relevant,
-      config.eval_metrics,
-      with_ranking=True,
-    )
-    out.update({f"{split}/{name}": value for name, value in values.items()})
-    # Retrieval loss: -log of the probability mass on the relevant ids (within the top k).
-    mass = [
-      np.logaddexp.reduce([s for key, s in zip(row, sc) if key in rel] or [-np.inf])
-      for row, sc, rel in zip(ranked, scores, relevant)
-    ]
-    finite = [m for m in mass if np.isfinite(m)]
-    out[f"{split}/loss"] = float(-np.mean(finite)) if finite else float("nan")
-  return out
+  return evaluation.evaluate_splits(
+    retriever,
+    data,
+    config.eval_metrics,
+    splits=splits,
+    index_retriever=retriever.with_search("beam", config.ia_beams) if index else None,
+  )
 
 
 @dataclasses.dataclass

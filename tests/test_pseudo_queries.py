@@ -147,3 +147,29 @@ def test_pseudo_query_settings_that_cannot_apply_are_one_line_errors():
     tasks.add_pseudo_queries("test_pq_bad", tasks.PseudoQueries(views=(("augment", 1.0),)))
   with pytest.raises(ValueError, match="no DSI corpus registered as 'nowhere'"):
     tasks.add_pseudo_queries("nowhere", tasks.PseudoQueries())
+
+
+def test_the_fashion_mnist_experiment_adds_augmented_views_of_its_indexed_images(tmp_path):
+  """`FashionMnistConfig(pseudo_queries=N)`: the same corpus and ids, N views per indexed image
+  after the training queries."""
+  import os
+
+  from dsi_jax import errors
+  from dsi_jax.data import fashion_mnist
+  from dsi_jax.experiments import fashion_mnist as experiment
+
+  if not os.path.isdir(os.environ.get(fashion_mnist.ENV_VAR, fashion_mnist.DEFAULT_DIR)):
+    pytest.skip("Fashion-MNIST not installed")
+  plain = experiment._register(experiment.FashionMnistConfig(num_images=40), str(tmp_path), "t")
+  more = experiment._register(
+    experiment.FashionMnistConfig(num_images=40, pseudo_queries=2), str(tmp_path), "t"
+  )
+  assert more == plain + "_pq2"
+  a, ids_a = tasks.retrieval_data(plain)
+  b, ids_b = tasks.retrieval_data(more)
+  assert ids_a.keys == ids_b.keys
+  n, indexed = len(a.train_inputs), len(a.index_inputs)
+  assert len(b.train_inputs) == n + 2 * indexed
+  np.testing.assert_array_equal(b.test_inputs, a.test_inputs)
+  with pytest.raises(errors.UserError, match="pseudo_queries must be 0 or more"):
+    experiment.FashionMnistConfig(pseudo_queries=-1)

@@ -53,6 +53,8 @@ class FashionMnistConfig:
   model: overrides of `dsi.make_vit_dsi` (default: the seed's ViT-DSI, `VIT_DSI_DEFAULTS`), or
     with tower "dinov2" of `borrowed.make_dinov2_dsi` (`DINOV2_DSI_DEFAULTS`).
   baselines: also score BoVW (`bovw_words` visual words) and pixel kNN on the same queries.
+  pseudo_queries: augmented views (crop, flip, jitter) of each indexed image, each relevant to
+    that image only, joined to the training queries (`tasks.PseudoQueries`; 0: none).
   data_dir: the Fashion-MNIST idx files (default: the Debian package's folder).
   """
 
@@ -66,8 +68,13 @@ class FashionMnistConfig:
   baselines: bool = False
   bovw_words: int = 200
   data_dir: str | None = None
+  pseudo_queries: int = 0
 
   def __post_init__(self):
+    if self.pseudo_queries < 0:
+      raise errors.UserError(
+        f"FashionMnistConfig.pseudo_queries must be 0 or more, got {self.pseudo_queries}"
+      )
     if self.tower not in TOWERS:
       raise errors.UserError(
         f"FashionMnistConfig.tower must be one of {TOWERS}, got {self.tower!r}"
@@ -112,6 +119,12 @@ def _register(config: FashionMnistConfig, workdir: str, prefix: str) -> str:
   from dsi_jax.tasks import datasets as task_datasets
 
   name = f"{prefix}_fmnist{config.num_images}_{config.ids}_seed{config.seed}"
+  pseudo = None
+  if config.pseudo_queries:
+    pseudo = task_datasets.PseudoQueries(
+      config.pseudo_queries, views=(("augment", 1.0),), seed=config.seed
+    )
+    name += f"_pq{config.pseudo_queries}"  # the same corpus folder and ids
   task_datasets.register(
     "fmnist",
     num_items=config.num_images,
@@ -120,6 +133,7 @@ def _register(config: FashionMnistConfig, workdir: str, prefix: str) -> str:
     name=name,
     corpus_dir=os.path.join(workdir, "corpus"),
     location=config.data_dir,
+    pseudo_queries=pseudo,
   )
   return name
 
@@ -178,6 +192,8 @@ def run_cell(
   if config.tower == "dinov2":
     trained = config.model_kwargs().get("train_blocks", 0)
     tower = "dinov2_vits14" + (f" (last {trained} blocks trained)" if trained else "")
+  if config.pseudo_queries:
+    common["pseudo_queries"] = f"{config.pseudo_queries} augment"
   rows = results.phase_rows(
     result, BASELINE_METRICS, model="vit_dsi", ids=config.ids, tower=tower, **common
   )

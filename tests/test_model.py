@@ -80,3 +80,36 @@ def test_removed_items_are_never_ranked_again():
     assert "nope" in str(e)
   else:
     raise AssertionError("an unknown key must be refused")
+
+
+def test_exact_ranking_of_atomic_ids_scores_few_ids_whole_and_equals_scoring_every_id():
+  """Atomic ids: the first-token pass, the best m scored whole and the certificate give the
+  same ranking and scores as teacher-forcing every id, with removed items too; queries whose
+  certificate fails (eos unlikely) fall back to scoring every id."""
+  keys = [f"k{i}" for i in range(120)]
+  dm = docids_lib.atomic_ids(keys)
+  net = dsi.make_vit_dsi(
+    dm, patch_size=4, width=32, depth=1, mlp_dim=64, num_heads=2, dropout=0.0, decoder_depth=2
+  )
+  model = dsi.DSIModel(net, dm)
+  params = model.init(jax.random.PRNGKey(0), (1, 8, 8, 1))
+  params = jax.tree_util.tree_map(lambda x: x * 3.0, params)
+  # as after training: eos likely after an id (its log-probability near 0)
+  trained = jax.tree_util.tree_map(lambda x: x, params)
+  bias = trained["decoder"]["logits"]["bias"]
+  trained["decoder"]["logits"]["bias"] = bias.at[docids_lib.EOS].add(100.0)
+  images = jax.random.uniform(jax.random.PRNGKey(3), (5, 8, 8, 1))
+  model.remove(keys[::7])
+  for p, expect_certified in ((params, False), (trained, True)):
+    for k in (1, 10, 40):
+      totals, rows, bound = model._score_top(
+        params=p, inputs=images, live=jnp.asarray(model.live), m=max(2 * k, 32)
+      )
+      live = np.where(model.live[np.asarray(rows)], np.asarray(totals), -np.inf)
+      kth = -np.sort(-live, axis=1)[:, k - 1]
+      assert np.all(kth >= np.asarray(bound)) == expect_certified, (k, kth, bound)
+      fast_items, fast_scores = model.rank(p, images, k, method="exact")
+      items, scores = model._rank_every_id(p, images, k)
+      np.testing.assert_array_equal(fast_items, items)
+      np.testing.assert_allclose(fast_scores, scores, atol=1e-5)
+      assert not set(fast_items.ravel()) & set(range(0, 120, 7))

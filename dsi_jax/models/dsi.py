@@ -242,6 +242,7 @@ class DSIModel:
     self.input_encoder: Any = None
     self.contrastive_temperature = float(contrastive_temperature)
     self._score_all = jax.jit(self._score_all_impl, static_argnames=("chunk",))
+    self._score_top = jax.jit(self._score_top_impl, static_argnames=("m",))
     self._predict = jax.jit(self._predict_impl, static_argnames=("num_beams",))
     self._score = jax.jit(self._score_impl)
 
@@ -433,11 +434,7 @@ class DSIModel:
     if method == "auto":
       method = "exact" if len(self.docids) <= self.exact_max_ids else "beam"
     if method == "exact":
-      scores = partitioning.to_host(self.score_all(params, inputs))
-      scores = np.where(self.live[None, :], scores, -np.inf)
-      order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-      top = np.take_along_axis(scores, order, 1)
-      items = np.where(np.isneginf(top), -1, order)
+      items, top = self._rank_exact(params, inputs, k)
     elif method == "beam":
       beams = max(k, num_beams or k)
       result = jax.tree_util.tree_map(
@@ -454,6 +451,35 @@ class DSIModel:
       items = np.pad(items, ((0, 0), (0, pad)), constant_values=-1)
       top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
     return items, top
+
+  def _rank_exact(self, params, inputs, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every id's exact score, the top k. Atomic ids (one code, then eos) need not be
+    teacher-forced one by one: one decoder pass gives every id's first-token log-probability,
+    the best `m` are scored whole, and since eos adds a log-probability <= 0, the ranking is
+    exact wherever the k-th whole score is at least the (m+1)-th first-token one (certified
+    per query; the others fall back to scoring every id)."""
+    n, m = len(self.docids), max(2 * k, 32)
+    if self.docids.scheme == "atomic" and m + 1 < n:
+      totals, rows, bound = map(
+        partitioning.to_host, self._score_top(params, inputs, jnp.asarray(self.live), m=m)
+      )
+      totals = np.where(self.live[rows], totals, -np.inf)
+      order = np.argsort(-totals, axis=1, kind="stable")[:, :k]
+      top = np.take_along_axis(totals, order, 1)
+      items = np.where(np.isneginf(top), -1, np.take_along_axis(rows, order, 1))
+      exact = top[:, k - 1] >= bound
+      if exact.all():
+        return items, top
+      full_items, full_top = self._rank_every_id(params, inputs, k)  # rare
+      return np.where(exact[:, None], items, full_items), np.where(exact[:, None], top, full_top)
+    return self._rank_every_id(params, inputs, k)
+
+  def _rank_every_id(self, params, inputs, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = partitioning.to_host(self.score_all(params, inputs))
+    scores = np.where(self.live[None, :], scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, 1)
+    return np.where(np.isneginf(top), -1, order), top
 
   # -- jitted implementations ------------------------------------------------------------
   def _encode(self, params, inputs):
@@ -481,6 +507,24 @@ class DSIModel:
 
     _, scores = jax.lax.scan(score_chunk, None, targets)  # [chunks, b, chunk]
     return jnp.moveaxis(scores, 0, 1).reshape(b, padded)[:, :n]
+
+  def _score_top_impl(self, params, inputs, live, *, m: int):
+    """Atomic ids: the whole scores of the `m` live ids with the best first token `[b, m]`,
+    their rows, and the (m+1)-th best first-token log-probability `[b]` (a bound on the rest)."""
+    encoded = self._encode(params, inputs)
+    b = inputs.shape[0]
+    start = jnp.broadcast_to(self.all_targets[:1], (b, 1, self.all_targets.shape[1]))
+    logits = self.network.apply(
+      {"params": params}, encoded, shift_right(start), method=DSINetwork.decode
+    )
+    first = jax.nn.log_softmax(logits[:, 0, 0].astype(jnp.float32), axis=-1)
+    first = jnp.where(live[None, :], first[:, self.all_targets[:, 0]], -jnp.inf)
+    best, rows = jax.lax.top_k(first, m + 1)
+    targets = self.all_targets[rows[:, :m]]  # [b, m, length]
+    logits = self.network.apply(
+      {"params": params}, encoded, shift_right(targets), method=DSINetwork.decode
+    )
+    return jnp.sum(token_log_likelihood(logits, targets), -1), rows[:, :m], best[:, m]
 
   def _predict_impl(self, params, inputs, trie, *, num_beams: int):
     encoded = self._encode(params, inputs)  # [b, patches, d], shared by the beams

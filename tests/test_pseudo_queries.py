@@ -1,5 +1,7 @@
 """Pseudo-queries as SeqIO preprocessors: views of the items only, deterministic per seed."""
 
+import os
+
 import numpy as np
 import pytest
 import seqio
@@ -152,8 +154,6 @@ def test_pseudo_query_settings_that_cannot_apply_are_one_line_errors():
 def test_the_fashion_mnist_experiment_adds_augmented_views_of_its_indexed_images(tmp_path):
   """`FashionMnistConfig(pseudo_queries=N)`: the same corpus and ids, N views per indexed image
   after the training queries."""
-  import os
-
   from dsi_jax import errors
   from dsi_jax.data import fashion_mnist
   from dsi_jax.experiments import fashion_mnist as experiment

@@ -192,10 +192,11 @@ def run_cell(
   if config.tower == "dinov2":
     trained = config.model_kwargs().get("train_blocks", 0)
     tower = "dinov2_vits14" + (f" (last {trained} blocks trained)" if trained else "")
-  if config.pseudo_queries:
-    common["pseudo_queries"] = f"{config.pseudo_queries} augment"
+  trained_on = (
+    {"pseudo_queries": f"{config.pseudo_queries} augment"} if config.pseudo_queries else {}
+  )
   rows = results.phase_rows(
-    result, BASELINE_METRICS, model="vit_dsi", ids=config.ids, tower=tower, **common
+    result, BASELINE_METRICS, model="vit_dsi", ids=config.ids, tower=tower, **common, **trained_on
   )
   if config.baselines:
     rows += baseline_rows(name, config, common)
